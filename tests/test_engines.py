@@ -1,0 +1,281 @@
+"""Every registered engine against brute force (one backward per example), the traps
+each engine must refuse before backward, accumulation, and engine switching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import msvag_mb
+from msvag_mb.engines import ENGINES, UnsupportedModelError
+from conftest import PROBLEMS, CharModel, make_mlp, mlp_problem, sequence_loss
+
+PER_EXAMPLE_ENGINES = sorted(name for name in ENGINES if name != "ghost_batch")
+
+
+def loss_for(problem: str, reduction: str):
+    if problem == "char_lstm":
+        if reduction == "mean":
+            return sequence_loss
+        return lambda out, y: nn.functional.cross_entropy(
+            out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")
+    return nn.CrossEntropyLoss(reduction=reduction)
+
+
+def brute_force(model, loss_fn, x, y, reduction):
+    """(grad, variance of grad) from one backward per example, in float64."""
+    batch = x.shape[0]
+    per_example = []
+    for n in range(batch):
+        model.zero_grad()
+        loss_fn(model(x[n:n + 1]), y[n:n + 1]).backward()
+        per_example.append([p.grad.clone() for p in model.parameters()])
+    model.zero_grad()
+    results = []
+    for i in range(len(per_example[0])):
+        g = torch.stack([example[i] for example in per_example])  # g_n
+        if reduction == "mean":  # p.grad = mean g_n; var[gbar] = var(g)/B
+            results.append((g.mean(0), g.var(0) / batch))
+        else:  # p.grad = sum g_n; var = B^2 var[gbar]
+            results.append((g.sum(0), g.var(0) * batch))
+    return results
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+@pytest.mark.parametrize("engine", PER_EXAMPLE_ENGINES)
+def test_engine_equals_brute_force(engine, problem, reduction):
+    model, x, y = PROBLEMS[problem]()
+    loss_fn = loss_for(problem, reduction)
+    reason = ENGINES[engine].unsupported_reason(model)
+    gv = msvag_mb.GradientVariance(model, loss_fn, engine=engine)
+    if reason is not None:
+        # an engine that cannot be exact must say so before any backward
+        with pytest.raises(UnsupportedModelError, match="engine='"):
+            gv.backward(x, y)
+        assert all(p.grad is None for p in model.parameters())
+        return  # refusing clearly is the correct behaviour for this engine and model
+    expected = brute_force(model, loss_fn, x, y, reduction)
+    loss = gv.backward(x, y)
+    torch.testing.assert_close(loss, loss_fn(model(x), y).detach())
+    for (name, p), (grad, variance) in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(p.grad, grad, rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(p.grad_variance, variance, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_auto_supports_every_test_model():
+    for problem in sorted(PROBLEMS):
+        model, x, y = PROBLEMS[problem]()
+        loss_fn = loss_for(problem, "mean")
+        gv = msvag_mb.GradientVariance(model, loss_fn, engine="auto")
+        if problem == "char_lstm" and "extensions" not in ENGINES:
+            with pytest.raises(UnsupportedModelError, match="auto"):
+                gv.backward(x, y)
+            continue
+        expected = brute_force(model, loss_fn, x, y, "mean")
+        gv.backward(x, y)
+        for p, (grad, variance) in zip(model.parameters(), expected):
+            torch.testing.assert_close(p.grad_variance, variance, rtol=1e-9, atol=1e-12)
+
+
+def test_vmap_handles_tied_weights_and_backpack_refuses_them():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(4, 4)
+            self.second = nn.Linear(4, 4)
+            self.second.weight = self.first.weight
+
+        def forward(self, x):
+            return self.second(torch.tanh(self.first(x)))
+
+    torch.manual_seed(0)
+    model, x, y = Tied(), torch.randn(5, 4), torch.randn(5, 4)
+    loss_fn = nn.MSELoss()
+    with pytest.raises(UnsupportedModelError, match="tied weights: 'first.weight' and "
+                                                    "'second.weight'.*engine='vmap'"):
+        msvag_mb.GradientVariance(model, loss_fn, engine="backpack").backward(x, y)
+    expected = brute_force(model, loss_fn, x, y, "mean")
+    gv = msvag_mb.GradientVariance(model, loss_fn, engine="auto")
+    assert gv.engine_name == "vmap"
+    gv.backward(x, y)
+    for p, (grad, variance) in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, grad)
+        torch.testing.assert_close(p.grad_variance, variance)
+
+
+def test_backpack_traps_are_refused_before_backward():
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    loss_fn = nn.CrossEntropyLoss()
+    inplace = nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))
+    with pytest.raises(UnsupportedModelError, match=r"layer '1' works in place.*inplace=False"):
+        msvag_mb.GradientVariance(inplace, loss_fn, engine="backpack").backward(x, y)
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(6))
+
+        def forward(self, x):
+            return x * self.weight
+
+    custom = nn.Sequential(Scale(), nn.Linear(6, 3))
+    with pytest.raises(UnsupportedModelError, match=r"layer '0' \(Scale\) is not supported"):
+        msvag_mb.GradientVariance(custom, loss_fn, engine="backpack").backward(x, y)
+    expected = brute_force(custom, loss_fn, x, y, "mean")
+    gv = msvag_mb.GradientVariance(custom, loss_fn, engine="vmap")
+    gv.backward(x, y)
+    torch.testing.assert_close(custom[0].weight.grad_variance, expected[0][1])
+
+    batchnorm = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+    for engine in PER_EXAMPLE_ENGINES + ["auto"]:
+        with pytest.raises(UnsupportedModelError, match="train mode.*GhostBatchEngine"):
+            msvag_mb.GradientVariance(batchnorm, loss_fn, engine=engine).backward(x, y)
+    assert all(p.grad is None for p in batchnorm.parameters())
+    batchnorm.eval()
+    gv = msvag_mb.GradientVariance(batchnorm, loss_fn, engine="backpack")
+    expected = brute_force(batchnorm, loss_fn, x, y, "mean")
+    gv.backward(x, y)
+    for p, (grad, variance) in zip(batchnorm.parameters(), expected):
+        torch.testing.assert_close(p.grad_variance, variance)
+
+
+def test_lstm_traps():
+    model, x, y = PROBLEMS["char_lstm"]()
+    with pytest.raises(UnsupportedModelError, match="num_layers=2.*use_converter"):
+        msvag_mb.GradientVariance(model, sequence_loss, engine="backpack").backward(x, y)
+    with pytest.raises(UnsupportedModelError, match="wrong per-example gradients.*LSTM"):
+        msvag_mb.GradientVariance(model, sequence_loss, engine="vmap").backward(x, y)
+
+    class WithState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(3, 4, batch_first=True)
+
+        def forward(self, x):
+            h0 = torch.ones(1, x.shape[0], 4)
+            return self.lstm(x, (h0, h0))[0]
+
+    with pytest.raises(UnsupportedModelError, match="initial state"):
+        msvag_mb.GradientVariance(WithState(), nn.MSELoss(), engine="backpack").backward(
+            torch.randn(3, 5, 3), torch.randn(3, 5, 4))
+
+
+def test_batch_of_one_and_bad_loss_are_refused():
+    model, x, y = mlp_problem()
+    gv = msvag_mb.GradientVariance(model, nn.CrossEntropyLoss(), engine="backpack")
+    with pytest.raises(ValueError, match="batch of 1 example.*at least 2"):
+        gv.backward(x[:1], y[:1])
+    with pytest.raises(ValueError, match="reduction='none'.*reduction='mean'"):
+        msvag_mb.GradientVariance(model, nn.CrossEntropyLoss(reduction="none"))
+    with pytest.raises(ValueError, match="Invalid engine: 'cuda'"):
+        msvag_mb.GradientVariance(model, nn.CrossEntropyLoss(), engine="cuda")
+
+
+def test_nan_gradients_are_refused():
+    model, x, y = mlp_problem()
+    x[2, 0] = float("nan")
+    gv = msvag_mb.GradientVariance(model, nn.CrossEntropyLoss(), engine="backpack")
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        gv.backward(x, y)
+
+
+def test_switching_engines_on_one_model():
+    model, x, y = PROBLEMS["cnn"]()
+    loss_fn = nn.CrossEntropyLoss()
+    results = {}
+    for engine in ["backpack", "vmap", "backpack", "vmap"]:
+        gv = msvag_mb.GradientVariance(model, loss_fn, engine=engine)
+        gv.zero_grad()
+        gv.backward(x, y)
+        results.setdefault(engine, []).append([p.grad_variance.clone() for p in model.parameters()])
+        for module in model.modules():
+            assert not module._forward_hooks and not module._backward_hooks
+    for a, b in zip(results["backpack"][1], results["vmap"][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_vmap_dropout_masks_are_independent_per_example():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 200, bias=False), nn.Dropout(0.5))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    x = torch.ones(4, 1)
+    y = torch.zeros(4, 200)
+    gv = msvag_mb.GradientVariance(model, nn.MSELoss(reduction="sum"), engine="vmap")
+    gv.backward(x, y)
+    # identical examples: variance is non-zero only because the masks differ
+    assert (model[0].weight.grad_variance > 0).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("engine", ["backpack", "vmap"])
+def test_accumulation_equals_one_call_on_the_concatenation(engine, reduction):
+    model, x, y = mlp_problem(batch=9)
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    opt = msvag_mb.MSVAG(model.parameters(), lr=0.1, variance="minibatch")
+    gv = msvag_mb.GradientVariance(model, loss_fn, engine=engine)
+    opt.zero_grad()
+    gv.backward(x, y)
+    whole = [(p.grad.clone(), p.grad_variance.clone()) for p in model.parameters()]
+    opt.zero_grad()
+    for chunk in [slice(0, 4), slice(4, 5), slice(5, 9)]:  # unequal parts, one of size 1
+        gv.backward(x[chunk], y[chunk])
+    for p, (grad, variance) in zip(model.parameters(), whole):
+        torch.testing.assert_close(p.grad, grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(p.grad_variance, variance, rtol=1e-9, atol=1e-12)
+    opt.step()  # the accumulated statistics are accepted
+
+
+def test_accumulation_needs_a_known_reduction():
+    model, x, y = mlp_problem()
+    gv = msvag_mb.GradientVariance(model, lambda out, t: nn.functional.cross_entropy(out, t),
+                                   engine="vmap")
+    gv.backward(x, y)
+    with pytest.raises(ValueError, match="reduction='mean' or 'sum'"):
+        gv.backward(x, y)
+    gv.zero_grad()
+    gv.backward(x, y)  # a new cycle is fine
+
+
+def test_foreign_gradients_are_not_mixed_in():
+    model, x, y = mlp_problem()
+    loss_fn = nn.CrossEntropyLoss()
+    loss_fn(model(x), y).backward()
+    gv = msvag_mb.GradientVariance(model, loss_fn, engine="backpack")
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        gv.backward(x, y)
+    torch.optim.SGD(model.parameters(), lr=0.1).zero_grad(set_to_none=False)
+    gv.backward(x, y)  # zeros are fine: a new cycle
+    expected = brute_force(model, loss_fn, x, y, "mean")
+    gv.backward(x, y)  # torch's zero_grad(set_to_none=True) between: new cycle as well
+    torch.optim.SGD(model.parameters(), lr=0.1).zero_grad()
+    gv.backward(x, y)
+    for p, (grad, variance) in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, grad)
+
+
+def test_ghost_batch_groups_are_the_units():
+    """With K groups of equal size the engine equals brute force over group gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    loss_fn = nn.CrossEntropyLoss()
+    reference = [p.detach().clone() for p in model.parameters()]
+    group_grads = []
+    for k in range(4):
+        model.zero_grad()
+        loss_fn(model(x[3 * k:3 * k + 3]), y[3 * k:3 * k + 3]).backward()
+        group_grads.append([p.grad.clone() for p in model.parameters()])
+    model.zero_grad()
+    gv = msvag_mb.GradientVariance(model, loss_fn, engine=msvag_mb.GhostBatchEngine(groups=4))
+    gv.backward(x, y)
+    for i, p in enumerate(model.parameters()):
+        g = torch.stack([grads[i] for grads in group_grads])
+        torch.testing.assert_close(p.grad, g.mean(0))
+        torch.testing.assert_close(p.grad_variance, g.var(0) / 4)
+        assert torch.equal(p.detach(), reference[i])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        gv.zero_grad()
+        gv.backward(x[:10], y[:10])

@@ -41,7 +41,8 @@ def prescribed_sequence(steps=12, shape=(3, 4), seed=0):
 def run_optimizer(name, variance, theta0, gradients, batch_variances, foreach,
                   dtype=torch.float64, **kwargs):
     param = nn.Parameter(torch.tensor(theta0, dtype=dtype))
-    opt = make_optimizer(name, [param], variance, foreach=foreach, **kwargs)
+    path = {"fused": dict(fused=True)}.get(foreach, dict(foreach=foreach))
+    opt = make_optimizer(name, [param], variance, **path, **kwargs)
     iterates = []
     for g, s in zip(gradients, batch_variances):
         opt.zero_grad()
@@ -53,7 +54,7 @@ def run_optimizer(name, variance, theta0, gradients, batch_variances, foreach,
     return iterates
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("foreach", [False, True, "fused"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
 @pytest.mark.parametrize("name,variance", CONFIGS)
 def test_trajectory_equals_transcription(name, variance, weight_decay, foreach):
@@ -167,13 +168,14 @@ def test_low_precision_parameters_follow_the_reference(name, variance, dtype):
     theta0 = np.linspace(-1.0, 1.0, 12).reshape(3, 4)
     expected = run_reference(name, theta0, gradients, lr=0.01, variance=variance,
                              batch_variances=batch_variances)
-    for foreach in (False, True):
+    for foreach in (False, True, "fused"):
         actual = run_optimizer(name, variance, theta0, gradients, batch_variances, foreach,
                                dtype=dtype, lr=0.01)
         tolerance = 1e-5 if dtype == torch.float32 else 2e-2
         np.testing.assert_allclose(actual[-1], expected[-1], rtol=tolerance, atol=tolerance)
         param = nn.Parameter(torch.zeros(2, dtype=dtype))
-        opt = make_optimizer(name, [param], variance, lr=0.01, foreach=foreach)
+        path = {"fused": dict(fused=True)}.get(foreach, dict(foreach=foreach))
+        opt = make_optimizer(name, [param], variance, lr=0.01, **path)
         param.grad = torch.ones(2, dtype=dtype)
         if variance == "minibatch":
             msvag_mb.optimizers.set_grad_variance(param, torch.ones(2, dtype=dtype))
@@ -291,6 +293,14 @@ def test_custom_estimator_plugs_in(foreach):
     g = torch.tensor([1.0, 2.0, -1.0])
     expected = -g * g**2 / (g**2 + torch.tensor([1.0, 0.0, 3.0]))
     torch.testing.assert_close(param.detach(), expected)
+
+
+def test_fused_refuses_what_it_cannot_fuse():
+    p = [nn.Parameter(torch.zeros(1))]
+    with pytest.raises(ValueError, match="foreach=True for a custom estimator"):
+        msvag_mb.MSVAG(p, lr=0.1, variance=HalfVariance(), fused=True)
+    with pytest.raises(ValueError, match="exclusive"):
+        msvag_mb.MSVAG(p, lr=0.1, fused=True, foreach=True)
 
 
 def test_invalid_arguments_are_refused_with_the_valid_range():

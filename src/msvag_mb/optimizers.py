@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import fused as fused_module
 from .estimators import (
     ForeachMoments,
     Moments,
@@ -90,6 +91,8 @@ class MomentumFamilyOptimizer(Optimizer):
 
     #: which variance the update needs: ``"mean"`` (of m_t), ``"gradient"`` (of g_t) or None
     variance_target: ClassVar[VarianceTarget | None] = None
+    #: the direction's name in the compiled kernel of :mod:`msvag_mb.fused`
+    fused_direction: ClassVar[str]
 
     def __init__(
         self,
@@ -100,6 +103,7 @@ class MomentumFamilyOptimizer(Optimizer):
         weight_decay: float = 0.0,
         *,
         foreach: bool | None = None,
+        fused: bool = False,
         check_finite: bool = True,
     ) -> None:
         if not isinstance(lr, (int, float)) or not 0.0 <= lr:
@@ -119,8 +123,12 @@ class MomentumFamilyOptimizer(Optimizer):
             self.variance_estimator = make_variance_estimator(
                 "moving_average" if variance is None else variance
             )
+        if fused and foreach:
+            raise ValueError("fused=True and foreach=True are exclusive; choose one")
+        if fused:
+            fused_module.estimator_kind(self.variance_estimator)  # refuse unfusable early
         defaults = dict(
-            lr=lr, beta=beta, weight_decay=weight_decay, foreach=foreach,
+            lr=lr, beta=beta, weight_decay=weight_decay, foreach=foreach, fused=fused,
             check_finite=check_finite,
         )
         super().__init__(params, defaults)
@@ -182,6 +190,13 @@ class MomentumFamilyOptimizer(Optimizer):
                 if batch_variances is not None:
                     _check_finite(batch_variances, "a within-batch variance (p.grad_variance)")
             states = [self._init_state(p) for p in params]
+            if group.get("fused", False):
+                fused_module.fused_step(
+                    params, states, batch_variances, lr=group["lr"], beta=group["beta"],
+                    weight_decay=group["weight_decay"], direction=self.fused_direction,
+                    estimator=self.variance_estimator, target=self.variance_target,
+                )
+                continue
             use_foreach = group["foreach"]
             if use_foreach is None:
                 # as torch.optim: the multi-tensor path by default on accelerators only
@@ -294,14 +309,17 @@ class MSGD(MomentumFamilyOptimizer):
         beta: momentum / averaging constant in [0, 1) (default 0.9).
         weight_decay: L2 coefficient added to the gradient (default 0).
         foreach: use the multi-tensor path (default: on accelerators).
+        fused: one ``torch.compile``-d kernel per parameter (compiles on first use).
         check_finite: refuse NaN/Inf gradients before touching the state (default True).
     """
 
+    fused_direction = "mean"
+
     def __init__(self, params: ParamsT, lr: float, beta: float = 0.9,
                  weight_decay: float = 0.0, *, foreach: bool | None = None,
-                 check_finite: bool = True) -> None:
+                 fused: bool = False, check_finite: bool = True) -> None:
         super().__init__(params, lr, beta, None, weight_decay, foreach=foreach,
-                         check_finite=check_finite)
+                         fused=fused, check_finite=check_finite)
 
     def _direction(self, moments, variance):
         return moments.mean
@@ -321,11 +339,13 @@ class MSSD(MomentumFamilyOptimizer):
     Args: as :class:`MSGD`.
     """
 
+    fused_direction = "sign"
+
     def __init__(self, params: ParamsT, lr: float, beta: float = 0.9,
                  weight_decay: float = 0.0, *, foreach: bool | None = None,
-                 check_finite: bool = True) -> None:
+                 fused: bool = False, check_finite: bool = True) -> None:
         super().__init__(params, lr, beta, None, weight_decay, foreach=foreach,
-                         check_finite=check_finite)
+                         fused=fused, check_finite=check_finite)
 
     def _direction(self, moments, variance):
         return torch.sign(moments.mean)
@@ -366,17 +386,20 @@ class MSVAG(MomentumFamilyOptimizer):
             :class:`~msvag_mb.VarianceEstimator` instance.
         weight_decay: L2 coefficient added to the gradient, not to the variance (default 0).
         foreach: use the multi-tensor path (default: on accelerators).
+        fused: one ``torch.compile``-d kernel per parameter (compiles on first use).
         check_finite: refuse NaN/Inf gradients or variances before touching the state.
     """
 
     variance_target = "mean"
 
+    fused_direction = "gamma_mean"
+
     def __init__(self, params: ParamsT, lr: float, beta: float = 0.9,
                  variance: str | VarianceEstimator = "moving_average",
                  weight_decay: float = 0.0, *, foreach: bool | None = None,
-                 check_finite: bool = True) -> None:
+                 fused: bool = False, check_finite: bool = True) -> None:
         super().__init__(params, lr, beta, variance, weight_decay, foreach=foreach,
-                         check_finite=check_finite)
+                         fused=fused, check_finite=check_finite)
 
     def _direction(self, moments, variance):
         denominator = _safe_denominator_(moments.mean_squared + variance)
@@ -407,12 +430,14 @@ class SVAG(MomentumFamilyOptimizer):
 
     variance_target = "gradient"
 
+    fused_direction = "gamma_grad"
+
     def __init__(self, params: ParamsT, lr: float, beta: float = 0.9,
                  variance: str | VarianceEstimator = "moving_average",
                  weight_decay: float = 0.0, *, foreach: bool | None = None,
-                 check_finite: bool = True) -> None:
+                 fused: bool = False, check_finite: bool = True) -> None:
         super().__init__(params, lr, beta, variance, weight_decay, foreach=foreach,
-                         check_finite=check_finite)
+                         fused=fused, check_finite=check_finite)
 
     def _direction(self, moments, variance):
         denominator = _safe_denominator_(moments.mean_squared + variance)
@@ -444,12 +469,14 @@ class AdamStar(MomentumFamilyOptimizer):
 
     variance_target = "mean"
 
+    fused_direction = "adam_star"
+
     def __init__(self, params: ParamsT, lr: float, beta: float = 0.9,
                  variance: str | VarianceEstimator = "moving_average",
                  weight_decay: float = 0.0, *, foreach: bool | None = None,
-                 check_finite: bool = True) -> None:
+                 fused: bool = False, check_finite: bool = True) -> None:
         super().__init__(params, lr, beta, variance, weight_decay, foreach=foreach,
-                         check_finite=check_finite)
+                         fused=fused, check_finite=check_finite)
 
     def _direction(self, moments, variance):
         denominator = _safe_denominator_(moments.mean_squared + variance).sqrt_()

@@ -279,3 +279,32 @@ def test_ghost_batch_groups_are_the_units():
     with pytest.raises(ValueError, match="divisible by 4"):
         gv.zero_grad()
         gv.backward(x[:10], y[:10])
+
+
+def test_vmap_exact_path_for_losses_that_do_not_split_per_example():
+    """ignore_index with mean reduction: the batch loss is no mean of per-example losses."""
+    model, x, y = mlp_problem(batch=6)
+    y[1] = -100
+    loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
+    engine = ENGINES["vmap"]()
+    assert engine._per_example_losses(model, loss_fn, x, y, list(model.parameters())) is None
+    # brute force on contributions: c_n = d/dtheta [loss_n / (number of counted examples)]
+    counted = int((y != -100).sum())
+    per_example = []
+    for n in range(6):
+        model.zero_grad()
+        if y[n] != -100:
+            (nn.functional.cross_entropy(model(x[n:n + 1]), y[n:n + 1], reduction="sum")
+             / counted).backward()
+            per_example.append([p.grad.clone() for p in model.parameters()])
+        else:
+            per_example.append([torch.zeros_like(p) for p in model.parameters()])
+    model.zero_grad()
+    gv = msvag_mb.GradientVariance(model, loss_fn, engine="vmap")
+    gv.backward(x, y)
+    for i, p in enumerate(model.parameters()):
+        c = torch.stack([example[i] for example in per_example])
+        grad = c.sum(0)
+        variance = (6 * (c * c).sum(0) - grad * grad) / 5
+        torch.testing.assert_close(p.grad, grad)
+        torch.testing.assert_close(p.grad_variance, variance)

@@ -185,7 +185,7 @@ class MomentumFamilyOptimizer(Optimizer):
             batch_variances = (
                 [batch_variance_of(p) for p in params] if self._needs_batch_variance() else None
             )
-            if group["check_finite"]:
+            if group.get("check_finite", True):
                 _check_finite([p.grad for p in params], "a gradient (p.grad)")
                 if batch_variances is not None:
                     _check_finite(batch_variances, "a within-batch variance (p.grad_variance)")
@@ -197,7 +197,7 @@ class MomentumFamilyOptimizer(Optimizer):
                     estimator=self.variance_estimator, target=self.variance_target,
                 )
                 continue
-            use_foreach = group["foreach"]
+            use_foreach = group.get("foreach")
             if use_foreach is None:
                 # as torch.optim: the multi-tensor path by default on accelerators only
                 use_foreach = all(p.device.type != "cpu" for p in params)

@@ -13,6 +13,7 @@ from .base import (
 )
 from .backpack_engine import BackpackEngine
 from .ghost_batch import GhostBatchEngine
+from .rank_spread import RankSpreadEngine
 from .vmap_engine import VmapEngine
 
 try:  # our own per-layer hooks (extensions/); preferred by engine="auto"
@@ -30,5 +31,6 @@ __all__ = [
     "BackpackEngine",
     "ExtensionsEngine",
     "GhostBatchEngine",
+    "RankSpreadEngine",
     "VmapEngine",
 ]

@@ -1,0 +1,63 @@
+"""``nn.BatchNorm1d/2d/3d`` in eval mode: ``sum_n c_n**2`` for the affine parameters.
+
+In eval mode the layer is the per-channel affine map ``y = x_hat * weight + bias`` with
+``x_hat = (x - running_mean) / sqrt(running_var + eps)`` fixed by the running statistics, so
+examples are independent: example n's weight contribution is ``sum_l G_n[c, l] x_hat_n[c, l]``
+over the spatial/sequence positions l, its bias contribution ``sum_l G_n[c, l]``. In train
+mode (or without running statistics) each output depends on the whole batch and there are
+no per-example gradients: refused.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .core import LayerContext, OutputGradientExtension, batch_axis, register_extension
+
+
+def normalized_input(module: nn.modules.batchnorm._BatchNorm, inputs: Tensor) -> Tensor:
+    """``x_hat`` from the running statistics, shaped like ``inputs`` ``(B, C, *)``."""
+    shape = (1, -1) + (1,) * (inputs.dim() - 2)
+    mean = module.running_mean.to(inputs.dtype).view(shape)
+    std = (module.running_var.to(inputs.dtype) + module.eps).sqrt().view(shape)
+    return (inputs - mean) / std
+
+
+def batchnorm_sum_grad_squared(module: nn.modules.batchnorm._BatchNorm, inputs: Tensor,
+                               grad_output: Tensor,
+                               requested: frozenset[str]) -> dict[str, Tensor]:
+    """``{"weight": ..., "bias": ...}`` (those requested) for an eval-mode BatchNorm."""
+    batch, channels = grad_output.shape[:2]
+    g = grad_output.reshape(batch, channels, -1)
+    result = {}
+    if "weight" in requested:
+        x_hat = normalized_input(module, inputs).reshape(batch, channels, -1)
+        result["weight"] = (g * x_hat).sum(2).square().sum(0)
+    if "bias" in requested:
+        result["bias"] = g.sum(2).square().sum(0)
+    return result
+
+
+@register_extension
+class BatchNormExtension(OutputGradientExtension):
+    """Eval-mode BatchNorm with running statistics (the affine parameters)."""
+
+    module_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        if module.training:
+            return ("is in train mode: examples are not independent, so per-example "
+                    "gradients are undefined. Call model.eval() for these layers, or use "
+                    "engine=msvag_mb.GhostBatchEngine(groups=K).")
+        if module.running_mean is None:
+            return ("has track_running_stats=False, so it normalises with batch statistics "
+                    "even in eval mode (examples are not independent); use "
+                    "track_running_stats=True, or engine=msvag_mb.GhostBatchEngine(groups=K).")
+        return None
+
+    def batch_axis(self, module: nn.Module, inputs: Tensor, context: LayerContext) -> int:
+        return batch_axis(inputs, context, sequence_first=False)  # (B, C, *) only
+
+    def sum_grad_squared(self, module: nn.Module, inputs: Tensor, grad_output: Tensor,
+                         requested: frozenset[str]) -> dict[str, Tensor]:
+        return batchnorm_sum_grad_squared(module, inputs, grad_output, requested)

@@ -26,7 +26,7 @@ from .base import (
     leaf_modules_with_parameters,
     model_inputs,
     register_engine,
-    train_mode_batchnorm,
+    train_mode_batchnorm_reason,
 )
 
 
@@ -85,11 +85,9 @@ class BackpackEngine(Engine):
         if inplace:
             return (f"layer '{inplace[0]}' works in place (inplace=True), which breaks "
                     "BackPACK's backward hooks; construct it with inplace=False.")
-        batchnorm = train_mode_batchnorm(model)
+        batchnorm = train_mode_batchnorm_reason(model)
         if batchnorm:
-            return (f"BatchNorm layer '{batchnorm[0]}' is in train mode: examples are not "
-                    "independent, so per-example gradients are undefined. Call model.eval() "
-                    "for these layers, or use engine=msvag_mb.GhostBatchEngine(groups=K).")
+            return batchnorm
         supported = cls.supported_layers()
         for name, module in leaf_modules_with_parameters(model):
             if type(module) not in supported:

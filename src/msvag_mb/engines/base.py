@@ -151,6 +151,16 @@ def train_mode_batchnorm(model: nn.Module) -> list[str]:
     ]
 
 
+def train_mode_batchnorm_reason(model: nn.Module) -> str | None:
+    """Why per-example engines refuse ``model`` because of train-mode BatchNorm, or None."""
+    batchnorm = train_mode_batchnorm(model)
+    if not batchnorm:
+        return None
+    return (f"BatchNorm layer '{batchnorm[0]}' is in train mode: examples are not "
+            "independent, so per-example gradients are undefined. Call model.eval() "
+            "for these layers, or use engine=msvag_mb.GhostBatchEngine(groups=K).")
+
+
 def leaf_modules_with_parameters(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules that directly own trainable parameters."""
     return [

@@ -33,7 +33,7 @@ from .base import (
     batch_size_of,
     model_inputs,
     register_engine,
-    train_mode_batchnorm,
+    train_mode_batchnorm_reason,
 )
 
 
@@ -57,12 +57,7 @@ class VmapEngine(Engine):
                 return (f"module '{name or type(module).__name__}' was extended by BackPACK "
                         "(backpack.extend); its hooks break torch.func transforms. Use a "
                         "model that was not extended, or engine='backpack'.")
-        batchnorm = train_mode_batchnorm(model)
-        if batchnorm:
-            return (f"BatchNorm layer '{batchnorm[0]}' is in train mode: examples are not "
-                    "independent, so per-example gradients are undefined. Call model.eval() "
-                    "for these layers, or use engine=msvag_mb.GhostBatchEngine(groups=K).")
-        return None
+        return train_mode_batchnorm_reason(model)
 
     def compute(
         self,

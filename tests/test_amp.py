@@ -48,7 +48,7 @@ def assert_same_snapshot(first, second):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("engine", ["backpack", "vmap"])
+@pytest.mark.parametrize("engine", ["backpack", "vmap", "extensions"])
 def test_statistics_are_in_scaled_units_and_loss_is_unscaled(engine, reduction):
     model, x, y = mlp_problem(batch=8)
     expected = unscaled_statistics(model, x, y, engine, reduction)
@@ -96,7 +96,7 @@ def test_scaler_steps_equal_unscaled_steps(optimizer, explicit_unscale):
         torch.testing.assert_close(p, q, **EXACT)
 
 
-@pytest.mark.parametrize("engine", ["backpack", "vmap"])
+@pytest.mark.parametrize("engine", ["backpack", "vmap", "extensions"])
 def test_bfloat16_autocast_with_grad_scaler(engine):
     """float32 model, bfloat16 autocast: statistics close to brute force under autocast."""
     torch.manual_seed(0)

@@ -303,10 +303,74 @@ def helpers(rank: int) -> None:
     assert_matches(model, expected, "helpers recipe")
 
 
+# -- the training runner (msvag-train under torchrun) -----------------------------------------
+def _runs_dir() -> Path:
+    return Path(os.environ["MSVAG_TEST_RESULTS"])
+
+
+def _train(config, out: str, ctx=None, **kwargs):
+    from msvag_mb.training import train
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # the runner's data and models are float32
+    try:
+        return train(config, _runs_dir() / out, progress=False, distributed=ctx, **kwargs)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _assert_same_records(records, expected, rtol: float) -> None:
+    assert [r["step"] for r in records] == [r["step"] for r in expected]
+    for record, reference_record in zip(records, expected):
+        for key in ("train_loss", "test_loss", "minibatch_loss"):
+            if reference_record[key] is not None:
+                assert record[key] == pytest.approx(reference_record[key], rel=rtol), key
+
+
+@case("train-runner-equals-one-process")
+def train_runner(rank: int) -> None:
+    from msvag_mb.training import TrainConfig
+
+    ctx = distributed.init_from_environment()
+    # batch 15: shares of 8 and 7 examples, so the loss weighting of unequal shares counts
+    for variance in ("minibatch", "moving_average"):
+        config = TrainConfig(problem="digits", variance=variance, batch_size=15, steps=6,
+                             eval_every=3, data="synthetic")
+        result = _train(config, f"ddp-{variance}", ctx)
+        assert result.config.world_size == WORLD
+        if rank != 0:
+            assert result.records == []  # rank 0 alone evaluates and writes
+            continue
+        assert json.loads((result.run_dir / "config.json").read_text())["world_size"] == WORLD
+        single = _train(config, f"single-{variance}")
+        assert single.config.world_size == 1
+        # the digits CNN has no dropout: the same run up to float32 rounding
+        _assert_same_records(result.records, single.records, rtol=1e-5)
+
+
+@case("train-runner-resume-carried-state")
+def train_runner_resume(rank: int) -> None:
+    from msvag_mb.training import TrainConfig
+
+    ctx = distributed.init_from_environment()
+    config = TrainConfig(problem="pydoc_char_rnn", variance="minibatch", batch_size=5,
+                         steps=4, eval_every=2, data="synthetic")
+    full = _train(config, "char-full", ctx)
+    _train(config, "char-resumed", ctx, stop_after=2)
+    resumed = _train(config, "char-resumed", ctx, resume=True)
+    if rank == 0:
+        # the carried LSTM state is saved for the global batch (5) and shared out on resume
+        checkpoint = torch.load(resumed.run_dir / "checkpoint.pt", weights_only=False)
+        assert all(t.shape[1] == 5 for layer in checkpoint["carried_state"] for t in layer)
+        _assert_same_records(resumed.records, full.records, rtol=0)
+        assert {r.get("engine") for r in full.records} == {"extensions"}
+
+
 def worker(rank: int, init_file: str, results_dir: str) -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
+                      MSVAG_TEST_RESULTS=results_dir)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     results = {}

@@ -10,6 +10,7 @@ import torch
 
 from msvag_mb.cli import default_lr_max, plot_main, step_size_grid, train_main, tune_main
 from msvag_mb.plotting import RunGroup, best_step_sizes, collect_groups
+from msvag_mb.problems import get_problem
 from msvag_mb.problems.data import synthetic_text
 from msvag_mb.training import TrainConfig, load_run, train
 
@@ -203,3 +204,46 @@ def test_ctrl_c_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
     resumed = train(config, tmp_path / "split", progress=False, resume=True)
     assert resumed.records == full.records
     assert torch.equal(_vector(resumed.model), _vector(full.model))
+
+
+# -- monitoring from the command line ----------------------------------------------------------
+def test_cli_monitor_records_then_plot_draws_it(tmp_path, capsys):
+    args = ["--problem", "digits", "--variance", "minibatch", "--steps", "12", "--eval-every",
+            "6", "--monitor", "4", "--out", str(tmp_path), "--no-progress"]
+    assert train_main(args) == 0
+    run_dir = tmp_path / "digits" / "msvag-mb__lr0.3__seed0"
+    records = [json.loads(line) for line in (run_dir / "monitor.jsonl").read_text().splitlines()]
+    layers = {name for name, _ in get_problem("digits").build_model().named_parameters()}
+    assert {r["layer"] for r in records} == layers
+    assert sorted({r["step"] for r in records}) == [0, 4, 8]  # steps 0, N, 2N of 12
+    assert all(0.0 <= r["gamma_q05"] <= r["gamma_q50"] <= r["gamma_q95"] <= 1.0 for r in records)
+    assert "monitor.jsonl" in capsys.readouterr().out
+    # msvag-plot on the root: the runs' figure and each run's monitoring figure
+    assert plot_main([str(tmp_path)]) == 0
+    assert (tmp_path / "figure.png").is_file()
+    assert (run_dir / "monitor.png").stat().st_size > 10_000
+    # on one run's folder or its log: only the monitoring figure
+    (run_dir / "monitor.png").unlink()
+    assert plot_main([str(run_dir)]) == 0 and (run_dir / "monitor.png").is_file()
+    assert plot_main([str(run_dir / "monitor.jsonl"), "--output",
+                      str(tmp_path / "m.png")]) == 0 and (tmp_path / "m.png").is_file()
+
+
+def test_monitor_log_survives_resume(tmp_path):
+    config = _digits_config(steps=12, eval_every=4)
+    full = train(config, tmp_path / "full", progress=False, monitor=3)
+    train(config, tmp_path / "resumed", progress=False, monitor=3, stop_after=4)
+    resumed = train(config, tmp_path / "resumed", progress=False, monitor=3, resume=True)
+
+    def log(result):
+        return [json.loads(line)
+                for line in (result.run_dir / "monitor.jsonl").read_text().splitlines()]
+    assert log(resumed) == log(full)  # same steps, same values, no duplicates
+    assert sorted({r["step"] for r in log(full)}) == [0, 3, 6, 9]
+
+
+def test_monitor_refuses_optimizer_without_adaptation(tmp_path, capsys):
+    code = train_main(["--problem", "digits", "--optimizer", "msgd", "--steps", "2",
+                       "--monitor", "--out", str(tmp_path), "--no-progress"])
+    assert code == 2
+    assert "msgd has none" in capsys.readouterr().err

@@ -3,6 +3,10 @@
 ``msvag-train`` with no arguments runs the built-in default: M-SVAG with both variance
 estimators against M-SGD and Adam on the ``digits`` problem (about a minute on two CPU
 cores), prints a table and writes ``runs/default/digits/comparison.png``.
+
+Several processes: ``torchrun --nproc_per_node=2 -m msvag_mb.cli --problem ...`` (or
+``torchrun --no-python --nproc_per_node=2 msvag-train ...``) trains data-parallel with the
+same global batch; see ``docs/scaling_out.md``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from . import distributed
 from .plotting import best_step_sizes, collect_groups, plot_groups, plot_runs, results_table
 from .problems import PROBLEMS, DataNotFoundError, get_problem
 from .training import (
@@ -87,7 +92,16 @@ def _config(args: argparse.Namespace, **overrides) -> TrainConfig:
 
 def _run(config: TrainConfig, args: argparse.Namespace, out: str, **kwargs) -> RunResult:
     return train(config, out, data_dir=args.data_dir, download=args.download,
-                 device=args.device, progress=not args.no_progress, **kwargs)
+                 device=args.device, progress=not args.no_progress,
+                 distributed=getattr(args, "distributed", None), **kwargs)
+
+
+def _init_distributed(device: str) -> distributed.DistributedContext:
+    """torchrun's process group (a single-process context without torchrun)."""
+    if device.startswith("cuda"):  # one GPU per process: cuda:LOCAL_RANK, NCCL
+        return distributed.init_from_environment(backend="nccl" if device == "cuda" else None,
+                                                 device=None if device == "cuda" else device)
+    return distributed.init_from_environment(backend="gloo", device=device)
 
 
 def _fail(message: str) -> int:
@@ -118,20 +132,34 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compare", action="store_true",
                         help="run M-SGD, M-SVAG (both estimators) and Adam with the problem's "
                              "step sizes, print a table and write a plot (the no-argument default)")
+    parser.add_argument("--monitor", type=int, nargs="?", const=10, default=None, metavar="N",
+                        help="record what the variance adaptation sees every N steps (default "
+                             "10) in the run's monitor.jsonl (and TensorBoard if installed); "
+                             "msvag-plot draws it. For msvag, svag, adamstar")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     compare = args.compare or not argv
     try:
+        args.distributed = _init_distributed(args.device)
+    except (RuntimeError, ValueError) as error:
+        return _fail(str(error))
+    try:
         if compare:
             return _compare(args)
         config = _config(args)
         result = _run(config, args, args.out or "runs", resume=args.resume,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, monitor=args.monitor)
     except (DataNotFoundError, FileExistsError, ValueError) as error:
         return _fail(str(error))
+    finally:
+        distributed.cleanup(args.distributed)
+    if not args.distributed.is_main:
+        return 1 if result.diverged else 0
     print(summarize([result]))
     print(f"records: {result.run_dir / 'metrics.jsonl'}")
+    if args.monitor is not None:
+        print(f"monitoring: {result.run_dir / 'monitor.jsonl'} (msvag-plot {result.run_dir})")
     return 1 if result.diverged else 0
 
 
@@ -145,7 +173,10 @@ def _compare(args: argparse.Namespace) -> int:
     for optimizer, variance in COMPARISON:
         config = _config(args, optimizer=optimizer, variance=variance,
                          lr=problem.lrs.get(optimizer))
-        results.append(_run(config, args, out, data=data, overwrite=True))
+        monitor = args.monitor if variance is not None else None
+        results.append(_run(config, args, out, data=data, overwrite=True, monitor=monitor))
+    if not args.distributed.is_main:
+        return 0
     print(summarize(results))
     groups = [g for g in collect_groups(Path(out) / args.problem)
               if (g.label, g.lr) in {(r.config.label, r.config.lr) for r in results}]
@@ -258,9 +289,20 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
                         help="plot every step size, not only each method's best")
     parser.add_argument("--include-unfinished", action="store_true",
                         help="also plot runs still in progress (cut curves at their last step)")
+    parser.add_argument("--no-monitor", action="store_true",
+                        help="do not draw the monitoring logs (monitor.jsonl) of the runs")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if not Path(args.root).is_dir():
-        return _fail(f"{args.root} is not a folder of runs")
+    root = Path(args.root)
+    if root.is_file():  # one monitoring log
+        return _plot_monitor_logs([root], args.output)
+    if not root.is_dir():
+        return _fail(f"{args.root} is not a folder of runs nor a monitor.jsonl")
+    logs = [] if args.no_monitor else sorted(root.rglob("monitor.jsonl"))
+    if (root / "metrics.jsonl").is_file():  # one run's folder: its monitoring log only
+        if not logs:
+            return _fail(f"{root} is one run without a monitor.jsonl; pass the folder above "
+                         "it to plot the runs, or train with --monitor")
+        return _plot_monitor_logs(logs, args.output)
     try:
         path, table = plot_runs(args.root, args.output, args.all_step_sizes,
                                 args.include_unfinished)
@@ -268,8 +310,25 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(error))
     print(table)
     print(f"figure: {path}")
+    return _plot_monitor_logs(logs, None)
+
+
+def _plot_monitor_logs(logs: Sequence[Path], output: str | None) -> int:
+    """Draw each monitoring log beside it (``monitor.png``), or one log into ``output``."""
+    from .monitoring import plot_monitoring
+
+    for log in logs:
+        target = output if output and len(logs) == 1 else log.with_suffix(".png")
+        try:
+            print(f"monitoring figure: {plot_monitoring(log, target)}")
+        except ValueError as error:
+            return _fail(str(error))
     return 0
 
 
 __all__ = ["best_step_sizes", "default_lr_max", "plot_main", "results_table",
            "step_size_grid", "train_main", "tune_main"]
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m msvag_mb.cli [msvag-train options]
+    sys.exit(train_main())

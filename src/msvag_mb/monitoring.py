@@ -253,6 +253,8 @@ class VarianceMonitor:
         keep_records: keep records in memory in :attr:`records`.
         attach: register as ``optimizer.register_step_post_hook``; with ``False`` call
             :meth:`step` yourself after each ``optimizer.step()``.
+        append: add to existing ``jsonl``/``csv`` logs (a resumed run) instead of
+            overwriting them; a CSV header is written only into an empty file.
 
     Example::
 
@@ -277,6 +279,7 @@ class VarianceMonitor:
         max_elements: int = 2**20,
         keep_records: bool = True,
         attach: bool = True,
+        append: bool = False,
     ) -> None:
         if not is_supported(optimizer):
             raise TypeError(f"{_UNSUPPORTED_HINT}; got {type(optimizer).__name__}"
@@ -303,13 +306,14 @@ class VarianceMonitor:
         self._generator = torch.Generator().manual_seed(0)
         self._estimator = optimizer.variance_estimator.name
         self._target = optimizer.variance_target
-        self._jsonl = _open(jsonl)
-        self._csv_file = _open(csv)
+        self._jsonl = _open(jsonl, append)
+        self._csv_file = _open(csv, append)
         self._csv_writer = None
         if self._csv_file is not None:
             self._csv_writer = _csv.DictWriter(self._csv_file, self.csv_fields(),
                                                       extrasaction="ignore")
-            self._csv_writer.writeheader()
+            if self._csv_file.tell() == 0:
+                self._csv_writer.writeheader()
         self._tensorboard, self._owns_tensorboard = _tensorboard_writer(tensorboard)
         self._handle = optimizer.register_step_post_hook(self._hook) if attach else None
 
@@ -410,12 +414,12 @@ class VarianceMonitor:
         self.close()
 
 
-def _open(path: str | Path | None):
+def _open(path: str | Path | None, append: bool = False):
     if path is None:
         return None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.open("w", newline="")
+    return path.open("a" if append else "w", newline="")
 
 
 def _tensorboard_writer(target) -> tuple[Any, bool]:

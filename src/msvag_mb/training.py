@@ -7,7 +7,10 @@ A run lives in its own folder ``<out>/<problem>/<label>__lr<lr>__seed<seed>/`` h
   and the last step): step size, loss and accuracy on the full test set and on an equally
   sized slice of the training set, the mean mini-batch loss since the previous record;
 * ``checkpoint.pt``: model, optimizer, scheduler and carried LSTM state at the last record
-  (``resume=True`` continues from it with the same result as an uninterrupted run).
+  (``resume=True`` continues from it with the same result as an uninterrupted run);
+* ``monitor.jsonl`` (with ``monitor=N``): what the variance adaptation saw every ``N`` steps,
+  per layer (:class:`msvag_mb.monitoring.VarianceMonitor`; ``msvag-plot`` draws it), and
+  ``tensorboard/`` with the same scalars when TensorBoard is installed.
 
 Determinism: the model is initialised after ``torch.manual_seed(seed)``; the batch of step
 ``k`` and its augmentation are pure functions of ``(seed, k)`` and the global RNG (dropout)
@@ -18,6 +21,14 @@ Mini-batch variance (``variance="minibatch"``): ``msvag_mb.GradientVariance`` co
 ``p.grad_variance`` with the chosen engine. For models with BatchNorm in train mode (P3)
 per-example gradients are undefined; ``engine="auto"`` then uses
 ``GhostBatchEngine(groups=problem.ghost_groups)`` (see ``docs/problems.md``).
+
+Several processes (``torchrun``, see ``docs/scaling_out.md``): pass the
+:class:`~msvag_mb.distributed.DistributedContext` of
+:func:`msvag_mb.distributed.init_from_environment`. ``batch_size`` stays the *global* batch:
+every rank draws the same global batch of step ``k`` and trains on its contiguous share, the
+model is wrapped in ``DistributedDataParallel``, and ``p.grad`` and ``p.grad_variance`` are
+those of the global batch, so the run equals the single-process run up to float rounding
+(and dropout masks, which are drawn per rank). Rank 0 alone evaluates and writes the files.
 """
 
 from __future__ import annotations
@@ -32,7 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed as distributed_module
 from . import optimizers as optimizers_module
+from .distributed import DistributedContext
 from .engines import GhostBatchEngine
 from .engines.base import train_mode_batchnorm
 from .gradient_variance import GradientVariance
@@ -78,6 +91,8 @@ class TrainConfig:
     ghost_groups: int | None = None
     seed: int = 0
     data: str = "real"
+    #: processes of a torchrun launch (dropout masks are drawn per rank)
+    world_size: int = 1
 
     def resolved(self) -> "TrainConfig":
         """A copy with every problem default filled in and checked."""
@@ -117,6 +132,12 @@ class TrainConfig:
         )
         if resolved.steps < 1 or resolved.eval_every < 1 or resolved.batch_size < 2:
             raise ValueError("steps and eval_every must be >= 1 and batch_size >= 2")
+        if resolved.world_size < 1 or resolved.batch_size < resolved.world_size:
+            raise ValueError(f"batch size {resolved.batch_size} (the global batch) must be at "
+                             f"least the number of processes, {resolved.world_size}")
+        if resolved.world_size > 1 and engine == "ghost_batch":
+            raise ValueError("the ghost-batch estimator (BatchNorm in train mode) runs on one "
+                             "process only; use --variance moving_average with torchrun.")
         return resolved
 
     @property
@@ -135,6 +156,7 @@ class TrainConfig:
         return f"{name} ({'mini-batch' if self.variance == 'minibatch' else 'moving avg.'})"
 
     def run_name(self) -> str:
+        """The run folder's name: ``<label>__lr<lr>__seed<seed>``."""
         return f"{self.label}__lr{self.lr:g}__seed{self.seed}"
 
 
@@ -152,10 +174,12 @@ class RunResult:
 
     @property
     def final(self) -> dict[str, Any]:
+        """The last record (the final evaluation, or the divergence)."""
         return self.records[-1]
 
     @property
     def best_test_accuracy(self) -> float:
+        """Highest test accuracy over the records (NaN if none was evaluated)."""
         values = [r["test_accuracy"] for r in self.records if r.get("test_accuracy") is not None]
         return max(values) if values else float("nan")
 
@@ -193,6 +217,9 @@ def make_gradient_variance(config: TrainConfig, problem: Problem, model: nn.Modu
     engine: str | GhostBatchEngine = config.engine or "auto"
     model.train()
     if engine == "ghost_batch" or (engine == "auto" and train_mode_batchnorm(model)):
+        if config.world_size > 1:
+            raise ValueError("the ghost-batch estimator (BatchNorm in train mode) runs on one "
+                             "process only; use --variance moving_average with torchrun.")
         groups = config.ghost_groups or 8
         if config.batch_size % groups != 0:
             raise ValueError(f"the ghost-batch estimator splits each batch into {groups} groups: "
@@ -263,12 +290,14 @@ def train(
     *,
     data_dir: str | os.PathLike | None = None,
     download: bool = False,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
     data=None,
+    monitor: int | None = None,
+    distributed: DistributedContext | None = None,
 ) -> RunResult:
     """Train one run; returns its records. See the module docstring for the files.
 
@@ -278,21 +307,41 @@ def train(
         data_dir: folder with the data files (``None``: the standard places, see
             :func:`msvag_mb.problems.data.search_dirs`).
         download: fetch missing files from their official sources.
-        device: ``"cpu"``, ``"cuda"``, ...
+        device: ``"cpu"``, ``"cuda"``, ... (with ``distributed``: the context's device).
         resume: continue from the run folder's checkpoint (an error if its config differs).
         overwrite: discard an existing run in the folder.
         progress: show a tqdm progress bar with the running loss.
         stop_after: stop (with a checkpoint) after this many steps in total, as if
             interrupted; a later ``resume=True`` call finishes the run.
         data: already loaded data for ``config.problem`` (skips loading; for sweeps).
+        monitor: record what the variance adaptation sees every ``monitor`` steps in
+            ``monitor.jsonl`` (and TensorBoard if installed); only for the optimizers that
+            adapt to the variance (``msvag``, ``svag``, ``adamstar``).
+        distributed: the context of a ``torchrun`` launch
+            (:func:`msvag_mb.distributed.init_from_environment`); ``None``: one process.
+            Every rank must call ``train`` with the same arguments.
+
+    Returns:
+        The run's :class:`RunResult`; on ranks other than 0 its ``records`` are empty.
     """
-    config = config.resolved()
+    ctx = distributed or DistributedContext(device=torch.device(device))
+    config = dataclasses.replace(config, world_size=ctx.world_size).resolved()
+    if monitor is not None:
+        if not OPTIMIZERS[config.optimizer][1]:
+            raise ValueError(f"--monitor records the variance adaptation of msvag, svag and "
+                             f"adamstar; {config.optimizer} has none.")
+        if monitor < 1:
+            raise ValueError(f"Invalid monitor interval: {monitor} (must be >= 1)")
     problem = get_problem(config.problem)
     run_dir = run_dir_for(config, out)
     config_path = run_dir / "config.json"
     metrics_path = run_dir / "metrics.jsonl"
     checkpoint_path = run_dir / "checkpoint.pt"
+    monitor_path = run_dir / "monitor.jsonl"
+    torch_device = ctx.device if ctx.is_distributed else torch.device(device)
+    is_main = ctx.is_main
     checkpoint = None
+    # every rank reads and checks before rank 0 writes anything, so all reach one verdict
     if run_dir.exists() and (metrics_path.exists() or checkpoint_path.exists()):
         if resume and checkpoint_path.exists():
             saved = json.loads(config_path.read_text())
@@ -302,42 +351,60 @@ def train(
                     f"configuration ({saved} vs {dataclasses.asdict(config)}); use the same "
                     "arguments, or --overwrite to start afresh."
                 )
-            checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
+            checkpoint = torch.load(checkpoint_path, map_location=torch_device,
+                                    weights_only=False)
         elif not overwrite and not resume:
             raise FileExistsError(
                 f"{run_dir} already holds a run; pass --resume to continue it or --overwrite "
                 "to start it again."
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    _barrier(ctx)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
-    torch_device = torch.device(device)
     if data is None:
         data = problem.load_data(data_dir, download, synthetic=config.data == "synthetic",
                                  seed=config.seed)
-    model = build_model(problem, data, config.seed).to(torch_device)
+    module = build_model(problem, data, config.seed).to(torch_device)
+    # DDP for several processes; state_dict, evaluation and carried states use ``module``
+    model = distributed_module.wrap_model(module, ctx)
     loss_fn = problem.loss_fn()
     batches = problem.batches(data, config.batch_size, config.seed)
-    optimizer = make_optimizer(config, model)
+    optimizer = make_optimizer(config, module)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, problem.milestone_steps(config.steps), gamma=problem.lr_factor
     )
     gradient_variance = (make_gradient_variance(config, problem, model, loss_fn)
                          if config.variance == "minibatch" else None)
+    carries_state = isinstance(module, CharRNN)
 
     start, interval_loss, interval_steps = 0, 0.0, 0
     records: list[dict[str, Any]] = []
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        module.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        if isinstance(model, CharRNN):
-            model.set_state(checkpoint["carried_state"])
+        if carries_state:
+            module.set_state(_local_carried_state(checkpoint["carried_state"], ctx))
         start = checkpoint["step"]
         interval_loss, interval_steps = checkpoint["interval"]
         # drop records written after the checkpoint (an interrupted run may have more)
         records = [r for r in _read_records(metrics_path) if r["step"] <= start]
-    _write_records(metrics_path, records)
+    if is_main:
+        _write_records(metrics_path, records)
+
+    variance_monitor = None
+    if monitor is not None and is_main:
+        from .monitoring import VarianceMonitor, tensorboard_available
+
+        if checkpoint is not None:  # keep the records of the steps before the checkpoint
+            _write_records(monitor_path, [r for r in _read_records(monitor_path)
+                                          if r["step"] < start])
+        variance_monitor = VarianceMonitor(
+            optimizer, module, every=monitor, jsonl=monitor_path, append=checkpoint is not None,
+            tensorboard=run_dir / "tensorboard" if tensorboard_available() else None)
+        variance_monitor.steps_seen = start  # records are due at steps 0, N, 2N, ...
 
     def record(step: int, diverged: bool = False) -> dict[str, Any]:
         nonlocal interval_loss, interval_steps
@@ -346,38 +413,42 @@ def train(
         if diverged:
             entry.update(diverged=True, train_loss=None, train_accuracy=None,
                          test_loss=None, test_accuracy=None)
-        else:
+        elif is_main:  # the other ranks go on; they wait at the next step's all-reduce
             for split in ("train", "test"):
-                loss, accuracy = evaluate(model, batches, loss_fn, split, torch_device)
+                loss, accuracy = evaluate(module, batches, loss_fn, split, torch_device)
                 entry[f"{split}_loss"] = loss
                 entry[f"{split}_accuracy"] = accuracy
             if config.weight_decay:
-                entry["l2_penalty"] = l2_penalty(model, config.weight_decay)
+                entry["l2_penalty"] = l2_penalty(module, config.weight_decay)
         entry["minibatch_loss"] = interval_loss / interval_steps if interval_steps else None
         if gradient_variance is not None:  # which engine "auto" resolved to
             entry["engine"] = gradient_variance.engine_name
         interval_loss, interval_steps = 0.0, 0
-        records.append(entry)
-        with open(metrics_path, "a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        if is_main:
+            records.append(entry)
+            with open(metrics_path, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
         return entry
 
     def save_checkpoint(step: int) -> None:
-        _atomic_save({
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "carried_state": model.get_state() if isinstance(model, CharRNN) else None,
-            "interval": (interval_loss, interval_steps),
-        }, checkpoint_path)
+        # a collective when distributed: every rank calls it at the same step
+        carried = _global_carried_state(module.get_state(), ctx) if carries_state else None
+        if is_main:
+            _atomic_save({
+                "step": step,
+                "model": module.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "carried_state": carried,
+                "interval": (interval_loss, interval_steps),
+            }, checkpoint_path)
 
     if start == 0:
         record(0)
         save_checkpoint(0)
 
     bar = None
-    if progress:
+    if progress and is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc=f"{config.problem} {config.label}",
@@ -393,19 +464,24 @@ def train(
             if stop_after is not None and step >= stop_after:
                 break
             between_steps = False
-            if isinstance(model, CharRNN) and batches.is_epoch_start(step):
-                model.reset_state()  # each training epoch starts from a zero state
-            torch.manual_seed(step_seed(config.seed, step))  # dropout masks of this step
-            x, y = batches.train_batch(step)
+            if carries_state and batches.is_epoch_start(step):
+                module.reset_state()  # each training epoch starts from a zero state
+            # dropout masks of this step (rank 0 draws those of the single-process run)
+            torch.manual_seed(step_seed(distributed_module.rank_seed(config.seed, ctx), step))
+            x, y = distributed_module.shard_batch(*batches.train_batch(step), ctx)
             x, y = x.to(torch_device), y.to(torch_device)
             optimizer.zero_grad()
             try:
                 if gradient_variance is not None:
-                    loss = gradient_variance.backward(x, y)
+                    loss = gradient_variance.backward(x, y)  # the global batch's loss
                 else:
-                    loss = loss_fn(model(x), y)
-                    if torch.isfinite(loss):
-                        loss.backward()
+                    local_loss = loss_fn(model(x), y)
+                    loss = _global_mean_loss(local_loss, y.shape[0], config.batch_size, ctx)
+                    if torch.isfinite(loss):  # the same verdict on every rank
+                        # DDP averages the ranks' gradients; weighting each by its share
+                        # of the global batch makes that the global batch's mean gradient
+                        (local_loss * (y.shape[0] * ctx.world_size / config.batch_size)
+                         ).backward()
                 if not torch.isfinite(loss):
                     raise _Diverged
                 optimizer.step()
@@ -424,26 +500,72 @@ def train(
             if step % config.eval_every == 0 or step == config.steps:
                 entry = record(step)
                 save_checkpoint(step)
-                if progress:
+                if bar is not None:
                     tqdm.write(f"step {step:>7}  train loss {entry['train_loss']:.4f}  "
-                              f"test loss {entry['test_loss']:.4f}  "
-                              f"test acc {entry['test_accuracy']:.4f}")
+                               f"test loss {entry['test_loss']:.4f}  "
+                               f"test acc {entry['test_accuracy']:.4f}")
             between_steps = True  # step (and its evaluation) complete
     except KeyboardInterrupt:
         # keep what was done: the next --resume starts from this step exactly (only between
         # steps; mid-step the last evaluation's checkpoint stays the one to resume from)
-        if between_steps:
+        if between_steps and not ctx.is_distributed:
             save_checkpoint(step)
         raise
     finally:
         if bar is not None:
             bar.close()
+        if variance_monitor is not None:
+            variance_monitor.close()
     if diverged:
         record(step, diverged=True)
     elif step < config.steps:
         save_checkpoint(step)  # stopped early on request
     return RunResult(run_dir, config, records, diverged, completed=step == config.steps,
-                     model=model)
+                     model=module)
+
+
+def _barrier(ctx: DistributedContext) -> None:
+    if ctx.is_distributed:
+        torch.distributed.barrier()
+
+
+def _global_mean_loss(local_loss: torch.Tensor, local_size: int, global_size: int,
+                      ctx: DistributedContext) -> torch.Tensor:
+    """The global batch's mean loss from each rank's mean over its share."""
+    if not ctx.is_distributed:
+        return local_loss.detach()
+    total = local_loss.detach() * (local_size / global_size)
+    torch.distributed.all_reduce(total)
+    return total
+
+
+def _global_carried_state(state, ctx: DistributedContext):
+    """The char-RNN's carried state of the global batch (rank 0's result; a collective).
+
+    Each rank carries the ``(h, c)`` of its share of the examples along dim 1; the
+    checkpoint keeps the global batch's, so it does not depend on the number of processes.
+    """
+    if not ctx.is_distributed:
+        return state
+    gathered: list[Any] = [None] * ctx.world_size
+    torch.distributed.all_gather_object(gathered, [None if s is None else
+                                                   tuple(t.cpu() for t in s) for s in state])
+    if not ctx.is_main:
+        return None
+    return [None if layer[0] is None else
+            tuple(torch.cat([rank_state[i] for rank_state in layer], dim=1) for i in range(2))
+            for layer in zip(*gathered)]
+
+
+def _local_carried_state(state, ctx: DistributedContext):
+    """This rank's share (dim 1) of a carried state saved by :func:`_global_carried_state`."""
+    if not ctx.is_distributed:
+        return state
+    def share(tensor: torch.Tensor) -> torch.Tensor:
+        sizes = distributed_module.shard_sizes(tensor.shape[1], ctx.world_size)
+        start = sum(sizes[:ctx.rank])
+        return tensor[:, start:start + sizes[ctx.rank]].to(ctx.device)
+    return [None if s is None else tuple(share(t) for t in s) for s in state]
 
 
 def load_run(run_dir: str | os.PathLike) -> tuple[TrainConfig, list[dict[str, Any]]]:

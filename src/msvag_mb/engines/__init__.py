@@ -12,14 +12,10 @@ from .base import (
     register_engine,
 )
 from .backpack_engine import BackpackEngine
+from .extensions_engine import ExtensionsEngine  # our per-layer hooks; preferred by "auto"
 from .ghost_batch import GhostBatchEngine
 from .rank_spread import RankSpreadEngine
 from .vmap_engine import VmapEngine
-
-try:  # our own per-layer hooks (extensions/); preferred by engine="auto"
-    from .extensions_engine import ExtensionsEngine
-except ImportError:  # pragma: no cover - only while extensions/ is being written
-    ExtensionsEngine = None
 
 __all__ = [
     "ENGINES",

@@ -49,7 +49,9 @@ DEFAULT_BUCKET_CAP_MB = 25.0
 #: Engines whose per-layer backward code needs the user's autocast around the backward
 #: pass too: BackPACK's einsums of a layer's stored (bfloat16) input with its output
 #: gradient fail on mixed dtypes outside autocast. Their sums of squares are then computed
-#: in the autocast dtype (about 3 significant digits in bfloat16).
+#: in the autocast dtype (about 3 significant digits in bfloat16). The others run outside
+#: autocast in the parameters' dtype ("extensions" casts each layer's stored input and
+#: output gradient to it; tests/test_amp.py checks both against brute force).
 _ENGINES_NEEDING_AUTOCAST_IN_BACKWARD = frozenset({"backpack"})
 
 

@@ -121,6 +121,7 @@ class MovingAverageVariance(VarianceEstimator):
     name = "moving_average"
 
     def init_state(self, param: Tensor) -> dict[str, Tensor]:
+        """``exp_avg_sq``: the running average ``v~`` of ``g^2``, zeros."""
         return {"exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
 
     @staticmethod
@@ -130,6 +131,7 @@ class MovingAverageVariance(VarianceEstimator):
         return (r if of == "mean" else 1.0) / (1.0 - r)
 
     def update(self, state, moments, batch_variance, step, beta, of):
+        """Update ``v~_t``; return ``rho(beta, t) s_t`` (``of="mean"``) or ``s_t`` (0 at t = 0)."""
         exp_avg_sq = state["exp_avg_sq"]
         exp_avg_sq.mul_(beta).addcmul_(moments.grad, moments.grad, value=1.0 - beta)
         if step == 0:
@@ -139,6 +141,7 @@ class MovingAverageVariance(VarianceEstimator):
         return excess.mul_(self._scale(beta, step, of))
 
     def update_foreach(self, states, moments, batch_variances, step, beta, of):
+        """Multi-tensor :meth:`update` with ``torch._foreach`` ops."""
         exp_avg_sqs = [state["exp_avg_sq"] for state in states]
         torch._foreach_mul_(exp_avg_sqs, beta)
         torch._foreach_addcmul_(exp_avg_sqs, moments.grad, moments.grad, value=1.0 - beta)
@@ -169,9 +172,11 @@ class MiniBatchVariance(VarianceEstimator):
     requires_batch_variance = True
 
     def init_state(self, param: Tensor) -> dict[str, Tensor]:
+        """``variance_avg``: the running average ``r~`` of ``s_hat``, zeros."""
         return {"variance_avg": torch.zeros_like(param, memory_format=torch.preserve_format)}
 
     def update(self, state, moments, batch_variance, step, beta, of):
+        """Update ``r~_t``; return ``r_t`` (``of="mean"``) or ``s_hat_t`` (``of="gradient"``)."""
         variance_avg = state["variance_avg"]
         variance_avg.mul_(beta * beta).add_(batch_variance, alpha=(1.0 - beta) ** 2)
         if of == "gradient":
@@ -179,6 +184,7 @@ class MiniBatchVariance(VarianceEstimator):
         return variance_avg / (1.0 - beta ** (step + 1)) ** 2
 
     def update_foreach(self, states, moments, batch_variances, step, beta, of):
+        """Multi-tensor :meth:`update` with ``torch._foreach`` ops."""
         variance_avgs = [state["variance_avg"] for state in states]
         torch._foreach_mul_(variance_avgs, beta * beta)
         torch._foreach_add_(variance_avgs, batch_variances, alpha=(1.0 - beta) ** 2)

@@ -87,6 +87,18 @@ class MomentumFamilyOptimizer(Optimizer):
 
     Subclasses set :attr:`variance_target` and implement :meth:`_direction` (one tensor)
     and :meth:`_direction_foreach` (lists). The step is ``theta -= lr * direction``.
+
+    Args:
+        params: iterable of parameters or param-group dicts.
+        lr: step size alpha (>= 0).
+        beta: averaging constant in [0, 1) of all moving averages.
+        variance: ``None`` for members without variance adaptation (required there);
+            otherwise ``"moving_average"`` (the default when ``None``), ``"minibatch"`` or
+            a :class:`~msvag_mb.VarianceEstimator` instance.
+        weight_decay: L2 coefficient added to the gradient, not to the variance.
+        foreach: use the multi-tensor path (default: on accelerators).
+        fused: one ``torch.compile``-d kernel per parameter (exclusive with ``foreach``).
+        check_finite: refuse NaN/Inf gradients or variances before touching the state.
     """
 
     #: which variance the update needs: ``"mean"`` (of m_t), ``"gradient"`` (of g_t) or None
@@ -333,10 +345,25 @@ class MSSD(MomentumFamilyOptimizer):
 
     .. code-block:: text
 
-        m~_t = beta m~_{t-1} + (1 - beta) g_t ;  m_t = m~_t / (1 - beta^(t+1))
-        theta_{t+1} = theta_t - alpha sign(m_t)          (sign(0) = 0)
+        input: theta_0, step size alpha (lr), beta, weight decay lambda
+        m~_{-1} = 0
+        for t = 0, 1, ...:
+            g_t  = grad f(theta_t) + lambda theta_t
+            m~_t = beta m~_{t-1} + (1 - beta) g_t ;  m_t = m~_t / (1 - beta^(t+1))
+            theta_{t+1} = theta_t - alpha sign(m_t)                    (sign(0) = 0)
 
-    Args: as :class:`MSGD`.
+    Every element moves by exactly ``alpha`` (or not at all where ``m_t = 0``), so ``lr`` is
+    a per-element distance, not a multiple of the gradient. The bias correction does not
+    change ``sign(m_t)``; it is kept so that the state matches the other members.
+
+    Args:
+        params: iterable of parameters or param-group dicts.
+        lr: step size alpha (the distance every element moves per step).
+        beta: momentum / averaging constant in [0, 1) (default 0.9).
+        weight_decay: L2 coefficient added to the gradient before the average (default 0).
+        foreach: use the multi-tensor path (default: on accelerators).
+        fused: one ``torch.compile``-d kernel per parameter (compiles on first use).
+        check_finite: refuse NaN/Inf gradients before touching the state (default True).
     """
 
     fused_direction = "sign"
@@ -417,15 +444,36 @@ class SVAG(MomentumFamilyOptimizer):
 
     .. code-block:: text
 
-        m~_t = beta m~_{t-1} + (1 - beta) g_t ;  m_t = m~_t / (1 - beta^(t+1))
-        S_t  = estimate of var[g_t]:  moving_average: s_t of Eq. (22) (s_0 = 0)
-                                      minibatch:      s_hat_t
-        gamma_t = m_t^2 / (m_t^2 + S_t)
-        theta_{t+1} = theta_t - alpha gamma_t g_t
+        input: theta_0, step size alpha (lr), beta, weight decay lambda, a variance estimator
+        m~_{-1} = 0
+        for t = 0, 1, ...:
+            g_t  = grad f(theta_t) + lambda theta_t
+            m~_t = beta m~_{t-1} + (1 - beta) g_t ;  m_t = m~_t / (1 - beta^(t+1))
+            S_t  = estimate of var[g_t]:
+                moving_average (Alg. 3):  v~_t = beta v~_{t-1} + (1 - beta) g_t^2
+                                          v_t  = v~_t / (1 - beta^(t+1))
+                                          S_t  = max(v_t - m_t^2, 0) / (1 - rho(beta, t))
+                                                 Eq. (22), S_0 = 0
+                minibatch:                S_t  = s_hat_t
+            gamma_t = m_t^2 / (m_t^2 + S_t)                             no epsilon
+            theta_{t+1} = theta_t - alpha gamma_t g_t
 
-    ``m_t`` estimates the true gradient; the step follows the current gradient ``g_t``.
+    ``m_t`` estimates the true gradient and ``S_t`` the variance of one stochastic
+    gradient; the step follows the current gradient ``g_t``, not ``m_t``.
+    ``rho(beta, t) = (1-beta)(1+beta^(t+1)) / ((1+beta)(1-beta^(t+1)))``; ``s_hat_t`` is
+    ``p.grad_variance`` from :class:`msvag_mb.GradientVariance`. Where ``m_t = 0`` and
+    ``S_t = 0`` the element does not move. ``gamma`` lies in ``[0, 1]``.
 
-    Args: as :class:`MSVAG`.
+    Args:
+        params: iterable of parameters or param-group dicts.
+        lr: step size alpha.
+        beta: averaging constant in [0, 1) of ``m_t`` (and ``v_t``) (default 0.9).
+        variance: ``"moving_average"`` (default), ``"minibatch"`` or a
+            :class:`~msvag_mb.VarianceEstimator` instance (asked for ``var[g_t]``).
+        weight_decay: L2 coefficient added to the gradient, not to the variance (default 0).
+        foreach: use the multi-tensor path (default: on accelerators).
+        fused: one ``torch.compile``-d kernel per parameter (compiles on first use).
+        check_finite: refuse NaN/Inf gradients or variances before touching the state.
     """
 
     variance_target = "gradient"
@@ -453,18 +501,41 @@ class SVAG(MomentumFamilyOptimizer):
 class AdamStar(MomentumFamilyOptimizer):
     r"""ADAM*: Adam rebuilt from the paper's parts (App. C.2, Alg. 4).
 
-    Sign direction with the variance adaptation written for ``m_t`` (beta1 = beta2, the
-    Eq. (22) bias correction, no epsilon):
+    The sign direction with the variance adaptation written for ``m_t`` (beta1 = beta2 =
+    beta, the Eq. (22) bias correction, no epsilon):
 
     .. code-block:: text
 
-        m~_t = beta m~_{t-1} + (1 - beta) g_t ;  m_t = m~_t / (1 - beta^(t+1))
-        V_t  = estimate of var[m_t]  (moving_average: rho(beta,t) s_t;  minibatch: r_t)
-        eta_t^2 = V_t / m_t^2
-        theta_{t+1} = theta_t - alpha sign(m_t) / sqrt(1 + eta_t^2)
-                    = theta_t - alpha m_t / sqrt(m_t^2 + V_t)
+        input: theta_0, step size alpha (lr), beta, weight decay lambda, a variance estimator
+        m~_{-1} = 0
+        for t = 0, 1, ...:
+            g_t  = grad f(theta_t) + lambda theta_t
+            m~_t = beta m~_{t-1} + (1 - beta) g_t ;  m_t = m~_t / (1 - beta^(t+1))
+            V_t  = estimate of var[m_t]:
+                moving_average:  v~_t = beta v~_{t-1} + (1 - beta) g_t^2
+                                 v_t  = v~_t / (1 - beta^(t+1))
+                                 s_t  = max(v_t - m_t^2, 0) / (1 - rho(beta, t))  (s_0 = 0)
+                                 V_t  = rho(beta, t) s_t
+                minibatch:       r~_t = beta^2 r~_{t-1} + (1 - beta)^2 s_hat_t
+                                 V_t  = r~_t / (1 - beta^(t+1))^2
+            eta_t^2 = V_t / m_t^2
+            theta_{t+1} = theta_t - alpha sign(m_t) / sqrt(1 + eta_t^2)
+                        = theta_t - alpha m_t / sqrt(m_t^2 + V_t)
 
-    Args: as :class:`MSVAG`.
+    Adam itself differs in three places: ``beta2 != beta1``, its second moment ``v_t`` in
+    place of ``m_t^2 + V_t``, and an epsilon. ``rho`` and ``s_hat_t`` as in
+    :class:`MSVAG`. Where ``m_t = 0`` and ``V_t = 0`` the element does not move.
+
+    Args:
+        params: iterable of parameters or param-group dicts.
+        lr: step size alpha (at most the distance an element moves per step).
+        beta: averaging constant in [0, 1) of all moving averages (default 0.9).
+        variance: ``"moving_average"`` (default), ``"minibatch"`` or a
+            :class:`~msvag_mb.VarianceEstimator` instance (asked for ``var[m_t]``).
+        weight_decay: L2 coefficient added to the gradient, not to the variance (default 0).
+        foreach: use the multi-tensor path (default: on accelerators).
+        fused: one ``torch.compile``-d kernel per parameter (compiles on first use).
+        check_finite: refuse NaN/Inf gradients or variances before touching the state.
     """
 
     variance_target = "mean"

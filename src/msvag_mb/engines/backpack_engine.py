@@ -68,6 +68,7 @@ class BackpackEngine(Engine):
 
     @classmethod
     def supported_layers(cls) -> dict[type, object]:
+        """The layer types BackPACK's ``SumGradSquared`` handles (its layer-to-extension map)."""
         from backpack.extensions import SumGradSquared
 
         # BackPACK keeps its layer map in a name-mangled private attribute
@@ -75,6 +76,9 @@ class BackpackEngine(Engine):
 
     @classmethod
     def unsupported_reason(cls, model: nn.Module) -> str | None:
+        """Refuses tied weights, in-place layers, BatchNorm in train mode, layers BackPACK lacks
+        and LSTMs it cannot handle; ``None`` otherwise.
+        """
         tied = find_tied_parameters(model)
         if tied:
             first, second = tied[0]
@@ -110,6 +114,9 @@ class BackpackEngine(Engine):
         parameters: Sequence[nn.Parameter],
         reduction: str | None = None,
     ) -> EngineResult:
+        """One forward and one backward pass with BackPACK's ``SumGradSquared`` hooked onto the
+        leaf modules: the batch gradient and the sum of squared per-example contributions.
+        """
         from backpack import backpack, hook_run_extensions, hook_store_io, memory_cleanup
         from backpack.extensions import SumGradSquared
 

@@ -49,6 +49,7 @@ class GhostBatchEngine(Engine):
 
     @classmethod
     def unsupported_reason(cls, model: nn.Module) -> str | None:
+        """Always ``None``: only ordinary forward and backward passes are used."""
         return None  # any model: only ordinary forward/backward passes are used
 
     def compute(
@@ -60,6 +61,10 @@ class GhostBatchEngine(Engine):
         parameters: Sequence[nn.Parameter],
         reduction: str | None = None,
     ) -> EngineResult:
+        """Forward and backward per group of ``batch_size / K`` examples; each group's gradient
+        is one unit of the statistics (the batch size must be divisible by ``K``; mean or sum
+        reduction).
+        """
         batch_size = batch_size_of(inputs)
         if batch_size % self.groups != 0:
             raise ValueError(

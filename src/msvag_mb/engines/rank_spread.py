@@ -61,6 +61,7 @@ class RankSpreadEngine(Engine):
 
     @classmethod
     def unsupported_reason(cls, model: nn.Module) -> str | None:
+        """Any model, but only under ``torch.distributed`` with at least two processes."""
         # Any model works (only an ordinary forward/backward pass is used), but not on a
         # single process: there is only one unit there.
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() >= 2):
@@ -79,6 +80,9 @@ class RankSpreadEngine(Engine):
         parameters: Sequence[nn.Parameter],
         reduction: str | None = None,
     ) -> EngineResult:
+        """One ordinary forward and backward pass on the local batch, reported as a single unit
+        (contribution = gradient); the spread across ranks is formed after the all-reduce.
+        """
         params = list(parameters)
         loss = loss_fn(model(*model_inputs(inputs)), targets)
         grads = torch.autograd.grad(loss, params, allow_unused=True)

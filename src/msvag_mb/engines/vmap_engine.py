@@ -46,6 +46,9 @@ class VmapEngine(Engine):
 
     @classmethod
     def unsupported_reason(cls, model: nn.Module) -> str | None:
+        """Refuses ``nn.RNN``/``LSTM``/``GRU`` layers, modules extended by BackPACK and BatchNorm
+        in train mode; ``None`` otherwise.
+        """
         for name, module in model.named_modules():
             if isinstance(module, nn.RNNBase):
                 # Measured: vmap over nn.LSTM returned per-example gradients with relative
@@ -68,6 +71,9 @@ class VmapEngine(Engine):
         parameters: Sequence[nn.Parameter],
         reduction: str | None = None,
     ) -> EngineResult:
+        """Per-example gradients with ``torch.func``: the fast per-example-loss path when the
+        batch loss is their mean or sum, else the exact expanded-parameter path.
+        """
         result = self._per_example_losses(model, loss_fn, inputs, targets, parameters)
         if result is None:  # the loss does not split into per-example terms
             result = self._expanded_parameters(model, loss_fn, inputs, targets, parameters)

@@ -5,16 +5,16 @@
 (batch size, steps, step-size schedule, L2, the paper's tuned step sizes). Details and the
 places where we deviate from the paper's text are in ``docs/problems.md``.
 
-=====================  =========================  ==========  =====  =======  ==========
-name                   model                      parameters  batch  steps    schedule
-=====================  =========================  ==========  =====  =======  ==========
-``fmnist_2c2d``        2 conv + 2 fc              3,274,634   64     6,000    constant
-``cifar10_3c3d``       3 conv + 3 fc, L2 0.002    895,210     128    40,000   constant
-``cifar100_wrn404``    WRN-40-4, L2 5e-4, BN      8,972,340   128    80,000   x0.2 at 30/60/80%
-``tolstoi_char_rnn``   2-layer LSTM char model    285,523     50     200,000  x0.1 at 62.5%
-``digits``             small CNN (sklearn digits) 13,706      32     1,000    constant
-``pydoc_char_rnn``     P4 model, CPython docs     vocab-dep.  50     2,000    x0.1 at 62.5%
-=====================  =========================  ==========  =====  =======  ==========
+=====================  ==========================  ==========  =====  =======  ==========
+name                   model                       parameters  batch  steps    schedule
+=====================  ==========================  ==========  =====  =======  ==========
+``fmnist_2c2d``        2 conv + 2 fc               3,274,634   64     6,000    constant
+``cifar10_3c3d``       3 conv + 3 fc, L2 0.002     895,210     128    40,000   constant
+``cifar100_wrn404``    WRN-40-4, L2 5e-4, BN       8,972,340   128    80,000   x0.2 at 30/60/80%
+``tolstoi_char_rnn``   2-layer LSTM char model     285,523     50     200,000  x0.1 at 62.5%
+``digits``             small CNN (sklearn digits)  13,706      32     1,000    constant
+``pydoc_char_rnn``     P4 model, CPython docs      vocab-dep.  50     2,000    x0.1 at 62.5%
+=====================  ==========================  ==========  =====  =======  ==========
 """
 
 from __future__ import annotations

@@ -463,6 +463,7 @@ class ImageBatches:
         return x, y
 
     def is_epoch_start(self, step: int) -> bool:
+        """Whether step ``step`` draws the first batch of an epoch."""
         return step % self.batches_per_epoch == 0
 
     def eval_batches(self, split: str) -> Iterator[tuple[Tensor, Tensor]]:
@@ -514,13 +515,16 @@ class CharBatches:
         self.batches_per_epoch = self.train_x.shape[0]
 
     def train_batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The training window of step ``step``: ``(x, y)`` of shape ``(B, T)``, in order."""
         position = step % self.batches_per_epoch
         return self.train_x[position], self.train_y[position]
 
     def is_epoch_start(self, step: int) -> bool:
+        """Whether step ``step`` is at the first window of an epoch (reset the LSTM state)."""
         return step % self.batches_per_epoch == 0
 
     def eval_batches(self, split: str) -> Iterator[tuple[Tensor, Tensor]]:
+        """The test windows (``"test"``) or as many training windows (``"train"``), in order."""
         if split == "test":
             x, y = self.test_x, self.test_y
         elif split == "train":

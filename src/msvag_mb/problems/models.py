@@ -41,6 +41,7 @@ class FashionMNIST2C2D(nn.Module):
                 nn.init.constant_(module.bias, 0.05)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, classes)`` of images ``x``."""
         return self.classifier(self.features(x))
 
 
@@ -72,6 +73,7 @@ class CIFAR3C3D(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, classes)`` of images ``x``."""
         return self.classifier(self.features(x))
 
 
@@ -135,6 +137,7 @@ class WideResNet(nn.Module):
                 nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, classes)`` of images ``x`` of shape ``(B, 3, 32, 32)``."""
         out = self.relu(self.bn(self.blocks(self.stem(x))))
         return self.fc(torch.flatten(self.pool(out), 1))
 
@@ -157,6 +160,7 @@ class DigitsCNN(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, classes)`` of images ``x``."""
         return self.classifier(self.features(x))
 
 
@@ -237,6 +241,9 @@ class CharRNN(nn.Module):
         return carried
 
     def forward(self, tokens: Tensor) -> Tensor:
+        """Logits ``(B, T, V)`` of token ids ``(B, T)``, starting from the carried state and
+        carrying the new (detached) one on.
+        """
         if tokens.dim() != 2:
             raise ValueError(
                 f"CharRNN expects token ids of shape (B, T), got {tuple(tokens.shape)}")
@@ -263,6 +270,7 @@ class SequenceCrossEntropy(nn.Module):
         self.reduction = "mean"
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy over all ``B T`` tokens."""
         return nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten())
 
 

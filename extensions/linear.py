@@ -11,8 +11,8 @@ contributions c_n themselves.
   cache-sized chunks of examples. The "Gram" alternative,
   ``sum_{n,t,s} (G_nt * G_ns)^T (X_nt * X_ns)``, needs ``B*T^2*out*in`` multiply-adds, T times
   more, and saves only memory that chunking already bounds; measured on the char-RNN decoder
-  (B=50, T=50, 128->83, float32) bmm took 0.7 ms and the Gram form 80 ms
-  (``benchmarks/bench_extensions.py --linear-variants``).
+  (B=50, T=50, 128->83, float32) bmm took 0.7-0.9 ms and the Gram form 42-80 ms
+  (``benchmarks/bench_engines.py --linear-variants``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from msvag_mb.engines.base import UnsupportedModelError
 
 from .core import (
     CACHE_BUDGET_ELEMENTS,
+    SMALL_ELEMENTS,
     LayerContext,
     OutputGradientExtension,
+    at_most_threads,
     batch_axis,
     chunk_size,
     register_extension,
@@ -34,24 +36,51 @@ from .core import (
 
 def linear_weight_sum_grad_squared(inputs: Tensor, grad_output: Tensor) -> Tensor:
     """``sum_n (G_n^T X_n)**2`` for inputs ``(B, *, in)`` and output gradients ``(B, *, out)``."""
-    batch = inputs.shape[0]
-    x = inputs.reshape(batch, -1, inputs.shape[-1])
-    g = grad_output.reshape(batch, -1, grad_output.shape[-1])
-    if x.shape[1] == 1:  # one row per example: no per-example matrices needed
-        return torch.mm(g[:, 0].square().t(), x[:, 0].square())
-    out_features, in_features = g.shape[-1], x.shape[-1]
-    result = g.new_zeros(out_features, in_features)
-    step = chunk_size(out_features * in_features, CACHE_BUDGET_ELEMENTS)
-    for start in range(0, batch, step):
-        per_example = torch.bmm(g[start:start + step].transpose(1, 2), x[start:start + step])
-        result += per_example.square_().sum(0)
-    return result
+    return linear_sum_grad_squared(inputs, grad_output, weight=True, bias=False)[0]
 
 
 def linear_bias_sum_grad_squared(grad_output: Tensor) -> Tensor:
     """``sum_n (sum_t G_n[t])**2`` for output gradients ``(B, *, out)``."""
     per_example = grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1]).sum(1)
     return per_example.square().sum(0)
+
+
+def linear_sum_grad_squared(inputs: Tensor, grad_output: Tensor, weight: bool = True,
+                            bias: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """``(weight's, bias's)`` ``sum_n c_n**2`` (``None`` where not wanted) for inputs
+    ``(B, *, in)`` and output gradients ``(B, *, out)``.
+
+    Without sequence dims both come from ``G**2``, squared once: the weight's is
+    ``(G**2)^T (X**2)`` and the bias's the column sums of ``G**2``. Every elementwise
+    kernel over a large tensor costs a wake-up of the worker threads (about 50 us each on
+    the benchmark machine with ``OMP_WAIT_POLICY=PASSIVE``, as much as the kernel itself),
+    so the MLP path runs three kernels per layer, the two squares and the matmul, plus
+    the bias's column sums, and the elementwise ones on one thread when the tensors are
+    small (:func:`~msvag_mb.extensions.core.at_most_threads`).
+    """
+    batch = inputs.shape[0]
+    x = inputs.reshape(batch, -1, inputs.shape[-1])
+    g = grad_output.reshape(batch, -1, grad_output.shape[-1])
+    if x.shape[1] == 1:  # one row per example: no per-example matrices needed
+        x, g = x[:, 0], g[:, 0]
+        small = x.device.type == "cpu" and max(x.numel(), g.numel()) < SMALL_ELEMENTS
+        with at_most_threads(1 if small else None):
+            g_squared = g.square()
+            x_squared = x.square() if weight else None
+            bias_sq = g_squared.sum(0) if bias else None
+        weight_sq = torch.mm(g_squared.t(), x_squared) if weight else None
+        return weight_sq, bias_sq
+    weight_sq = None
+    if weight:
+        out_features, in_features = g.shape[-1], x.shape[-1]
+        step = chunk_size(out_features * in_features, CACHE_BUDGET_ELEMENTS)
+        for start in range(0, batch, step):
+            per_example = torch.bmm(g[start:start + step].transpose(1, 2),
+                                    x[start:start + step])
+            chunk = per_example.square_().sum(0)
+            weight_sq = chunk if weight_sq is None else weight_sq.add_(chunk)
+    bias_sq = g.sum(1).square_().sum(0) if bias else None
+    return weight_sq, bias_sq
 
 
 @register_extension
@@ -70,9 +99,12 @@ class LinearExtension(OutputGradientExtension):
 
     def sum_grad_squared(self, module: nn.Module, inputs: Tensor, grad_output: Tensor,
                          requested: frozenset[str]) -> dict[str, Tensor]:
+        weight_sq, bias_sq = linear_sum_grad_squared(inputs, grad_output,
+                                                     weight="weight" in requested,
+                                                     bias="bias" in requested)
         result = {}
-        if "weight" in requested:
-            result["weight"] = linear_weight_sum_grad_squared(inputs, grad_output)
-        if "bias" in requested:
-            result["bias"] = linear_bias_sum_grad_squared(grad_output)
+        if weight_sq is not None:
+            result["weight"] = weight_sq
+        if bias_sq is not None:
+            result["bias"] = bias_sq
         return result

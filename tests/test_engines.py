@@ -311,3 +311,13 @@ def test_vmap_exact_path_for_losses_that_do_not_split_per_example():
         variance = (6 * (c * c).sum(0) - grad * grad) / 5
         torch.testing.assert_close(p.grad, grad)
         torch.testing.assert_close(p.grad_variance, variance)
+
+
+def test_finiteness_check_is_exact_when_a_sum_overflows():
+    from msvag_mb.gradient_variance import _all_finite
+
+    huge = torch.full((4,), 3e38, dtype=torch.float32)  # finite, but the sum overflows
+    assert _all_finite([torch.ones(3), huge])
+    assert not _all_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
+    assert not _all_finite([huge, torch.tensor([float("-inf"), 0.0])])
+    assert _all_finite([])

@@ -128,9 +128,18 @@ def test_conv(dims, config, monkeypatch):
     model(x)  # materialise the LazyLinear
     loss_fn, y = classification([5], 3)
     expected = brute_force(model, loss_fn, x, y, 1.0 / 5)
-    for grouped_min_locations in (0, 10**9):  # grouped convolution, then unfold + bmm
-        monkeypatch.setattr(conv_extension, "GROUPED_MIN_LOCATIONS", grouped_min_locations)
+    taken = []
+    for path in ("_per_example_by_grouped_conv", "_per_example_by_unfold"):
+        original = getattr(conv_extension, path)
+        monkeypatch.setattr(conv_extension, path, lambda *args, _path=path, _original=original:
+                            taken.append(_path) or _original(*args))
+    for threshold, path in ((0, "_per_example_by_grouped_conv"),
+                            (10**9, "_per_example_by_unfold")):
+        monkeypatch.setattr(conv_extension, "GROUPED_MIN_LOCATIONS", threshold)
+        monkeypatch.setattr(conv_extension, "GROUPED_MIN_PATCH", threshold)
+        taken.clear()
         result = compute(model, loss_fn, x, y)
+        assert taken and set(taken) == {path}
         for p, (grad, sum_sq) in expected.items():
             torch.testing.assert_close(result.statistics[p].grad, grad, rtol=RTOL, atol=ATOL)
             torch.testing.assert_close(result.statistics[p].sum_grad_squared, sum_sq,

@@ -45,6 +45,7 @@ class BatchNormExtension(OutputGradientExtension):
     module_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
+        """Refuse train mode and ``track_running_stats=False`` (batch statistics couple examples)."""
         if module.training:
             return ("is in train mode: examples are not independent, so per-example "
                     "gradients are undefined. Call model.eval() for these layers, or use "
@@ -56,8 +57,10 @@ class BatchNormExtension(OutputGradientExtension):
         return None
 
     def batch_axis(self, module: nn.Module, inputs: Tensor, context: LayerContext) -> int:
+        """Dim 0 (BatchNorm inputs are ``(B, C, *)``)."""
         return batch_axis(inputs, context, sequence_first=False)  # (B, C, *) only
 
     def sum_grad_squared(self, module: nn.Module, inputs: Tensor, grad_output: Tensor,
                          requested: frozenset[str]) -> dict[str, Tensor]:
+        """``sum_n c_n**2`` of the affine ``weight`` and ``bias`` from the normalised input."""
         return batchnorm_sum_grad_squared(module, inputs, grad_output, requested)

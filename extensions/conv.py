@@ -157,6 +157,7 @@ class ConvExtension(OutputGradientExtension):
     module_types = (nn.Conv1d, nn.Conv2d)
 
     def batch_axis(self, module: nn.Module, inputs: Tensor, context: LayerContext) -> int:
+        """Dim 0; an unbatched input (no examples dim) is refused."""
         if inputs.dim() != (3 if isinstance(module, nn.Conv1d) else 4):
             raise UnsupportedModelError(
                 f"layer '{context.name}' ({type(module).__name__}) got an unbatched input of "
@@ -166,6 +167,7 @@ class ConvExtension(OutputGradientExtension):
 
     def sum_grad_squared(self, module: nn.Module, inputs: Tensor, grad_output: Tensor,
                          requested: frozenset[str]) -> dict[str, Tensor]:
+        """``sum_n c_n**2`` of ``weight`` (per-example gradients in chunks) and ``bias``."""
         result = {}
         if "weight" in requested:
             result["weight"] = conv_weight_sum_grad_squared(module, inputs, grad_output)

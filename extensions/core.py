@@ -34,6 +34,7 @@ from msvag_mb.engines.base import UnsupportedModelError
 class Removable(Protocol):
     """Anything with ``remove()``: a hook handle, or an extension's own undo action."""
 
+                              """Undo what :meth:`OutputGradientExtension.attach` (or a hook) installed."""
     def remove(self) -> None: ...
 
 
@@ -107,6 +108,7 @@ class OutputGradientExtension(ModuleExtension):
         return batch_axis(inputs, context)
 
     def attach(self, module: nn.Module, context: LayerContext) -> list[Removable]:
+        """Register the forward hook that saves the input and hooks the output gradient."""
         dtype = next(p for n, p in module.named_parameters(recurse=False)
                      if n in context.requested).dtype
 

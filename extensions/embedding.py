@@ -51,6 +51,7 @@ class EmbeddingExtension(OutputGradientExtension):
     module_types = (nn.Embedding,)
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
+        """Refuse ``sparse=True`` and ``scale_grad_by_freq=True`` (the latter couples examples)."""
         if module.sparse:
             return "has sparse=True; construct it with sparse=False or use engine='vmap'."
         if module.scale_grad_by_freq:
@@ -62,10 +63,12 @@ class EmbeddingExtension(OutputGradientExtension):
         return None
 
     def batch_axis(self, module: nn.Module, inputs: Tensor, context: LayerContext) -> int:
+        """The examples' axis of the index tensor."""
         return batch_axis(inputs, context, feature_dims=0)  # indices (B, *) or (T, B)
 
     def sum_grad_squared(self, module: nn.Module, inputs: Tensor, grad_output: Tensor,
                          requested: frozenset[str]) -> dict[str, Tensor]:
+        """``sum_n c_n**2`` of the table (rows of ``padding_idx`` get no contribution)."""
         if "weight" not in requested:
             return {}
         return {"weight": embedding_sum_grad_squared(inputs, grad_output,

@@ -90,6 +90,7 @@ class LinearExtension(OutputGradientExtension):
     module_types = (nn.Linear,)
 
     def batch_axis(self, module: nn.Module, inputs: Tensor, context: LayerContext) -> int:
+        """The examples' axis of ``inputs``; an unbatched feature vector is refused."""
         if inputs.dim() < 2:  # a single unbatched feature vector holds no examples
             raise UnsupportedModelError(
                 f"layer '{context.name}' (Linear) got an unbatched input of shape "
@@ -99,6 +100,7 @@ class LinearExtension(OutputGradientExtension):
 
     def sum_grad_squared(self, module: nn.Module, inputs: Tensor, grad_output: Tensor,
                          requested: frozenset[str]) -> dict[str, Tensor]:
+        """``sum_n c_n**2`` of ``weight`` and ``bias`` from ``X`` and ``G``."""
         weight_sq, bias_sq = linear_sum_grad_squared(inputs, grad_output,
                                                      weight="weight" in requested,
                                                      bias="bias" in requested)

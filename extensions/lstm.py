@@ -61,6 +61,7 @@ class LSTMLayerFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
                 bias_hh: Tensor | None, h0: Tensor, c0: Tensor,
                 emit: LayerEmitter | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Run one LSTM layer with the fused kernel; save its inputs and outputs for backward."""
         weights = [weight_ih, weight_hh] + ([bias_ih, bias_hh] if bias_ih is not None else [])
         output, h_last, c_last = torch.lstm(
             x, (h0.unsqueeze(0), c0.unsqueeze(0)), weights, bias_ih is not None,
@@ -73,6 +74,7 @@ class LSTMLayerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor | None, grad_h_last: Tensor | None,
                  grad_c_last: Tensor | None):
+        """Backpropagate through time; emit ``sum_n c_n**2`` for the layer's parameters."""
         x, weight_ih, weight_hh, bias, h0, c0, output = ctx.saved_tensors
         steps, batch, hidden = output.shape
         in_features = x.shape[-1]
@@ -272,6 +274,7 @@ class _RestoreForward:
         self.own_forward = module.__dict__.get("forward")
 
     def remove(self) -> None:
+        """Put the module's own ``forward`` back."""
         if self.had_own_forward:
             self.module.forward = self.own_forward
         else:
@@ -285,9 +288,11 @@ class LSTMExtension(ModuleExtension):
     module_types = (nn.LSTM,)
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
+        """``None`` for the LSTM configurations handled here, else why not."""
         return lstm_problem(module)
 
     def attach(self, module: nn.Module, context: LayerContext) -> list[Removable]:
+        """Shadow the module's ``forward`` with an unrolled one that emits the statistics."""
         restore = _RestoreForward(module)
         # an instance attribute shadows the class's forward for this module only
         module.forward = functools.partial(_unrolled_forward, module, context)

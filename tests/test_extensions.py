@@ -240,6 +240,29 @@ def test_lstm(num_layers, batch_first, initial_state):
                                before_batch=full_state, before_example=example_state)
 
 
+class FinalStateClassifier(nn.Module):
+    """Classifies from the final states: gradients enter through ``h_n`` and ``c_n`` as
+    well as through the output sequence."""
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 5, num_layers=num_layers, batch_first=True)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x):
+        out, (h_n, c_n) = self.lstm(x)
+        return self.head(h_n[-1] + c_n.tanh().sum(0) + out.mean(1))
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_lstm_gradient_through_final_states(num_layers):
+    torch.manual_seed(8)
+    model = FinalStateClassifier(num_layers)
+    x = torch.randn(5, 6, 3)
+    loss_fn, y = classification([5], 4)
+    assert_matches_brute_force(model, loss_fn, x, y)
+
+
 def test_lstm_without_bias_and_with_frozen_parameters():
     torch.manual_seed(6)
     model = StatefulCharModel(2, batch_first=True, bias=False)

@@ -39,6 +39,7 @@ class ExtensionsEngine(Engine):
 
     @classmethod
     def unsupported_reason(cls, model: nn.Module) -> str | None:
+        """``None`` if every parameter-owning layer has an extension, else the first that has not and the fix."""
         return unsupported_layer(model)
 
     def compute(
@@ -50,6 +51,7 @@ class ExtensionsEngine(Engine):
         parameters: Sequence[nn.Parameter],
         reduction: str | None = None,
     ) -> EngineResult:
+        """One forward and backward with the layer hooks attached; see :meth:`Engine.compute`."""
         reason = self.unsupported_reason(model)
         if reason is not None:
             raise UnsupportedModelError(f"engine 'extensions': {reason}")

@@ -34,8 +34,8 @@ from msvag_mb.engines.base import UnsupportedModelError
 class Removable(Protocol):
     """Anything with ``remove()``: a hook handle, or an extension's own undo action."""
 
-                              """Undo what :meth:`OutputGradientExtension.attach` (or a hook) installed."""
-    def remove(self) -> None: ...
+    def remove(self) -> None:
+        """Undo what an extension's ``attach`` (or a hook) installed."""
 
 
 @dataclass

@@ -281,6 +281,18 @@ def _check_finite(tensors: list[Tensor], what: str) -> None:
         )
 
 
+def _adaptation_factor(moments: Moments, variance: Tensor) -> Tensor:
+    """``gamma = m^2 / (m^2 + V)`` (Eq. 25), a new tensor; 0 where both vanish."""
+    denominator = _safe_denominator_(moments.mean_squared + variance)
+    return moments.mean_squared.div(denominator)
+
+
+def _adaptation_factor_foreach(moments: ForeachMoments, variances: list[Tensor]) -> list[Tensor]:
+    """:func:`_adaptation_factor` for lists of tensors."""
+    denominators = _safe_denominator_foreach_(torch._foreach_add(moments.mean_squared, variances))
+    return torch._foreach_div(moments.mean_squared, denominators)
+
+
 def _safe_denominator_(tensor: Tensor) -> Tensor:
     # m^2 + var = 0 only where m = 0 (var >= 0); there the numerator is 0 too and the
     # element must not move: clamping to the smallest normal number makes 0/tiny = 0.
@@ -429,12 +441,10 @@ class MSVAG(MomentumFamilyOptimizer):
                          fused=fused, check_finite=check_finite)
 
     def _direction(self, moments, variance):
-        denominator = _safe_denominator_(moments.mean_squared + variance)
-        return moments.mean_squared.div(denominator).mul_(moments.mean)  # gamma * m
+        return _adaptation_factor(moments, variance).mul_(moments.mean)  # gamma * m
 
     def _direction_foreach(self, moments, variances):
-        denominators = _safe_denominator_foreach_(torch._foreach_add(moments.mean_squared, variances))
-        directions = torch._foreach_div(moments.mean_squared, denominators)
+        directions = _adaptation_factor_foreach(moments, variances)
         torch._foreach_mul_(directions, moments.mean)
         return directions
 
@@ -488,12 +498,10 @@ class SVAG(MomentumFamilyOptimizer):
                          fused=fused, check_finite=check_finite)
 
     def _direction(self, moments, variance):
-        denominator = _safe_denominator_(moments.mean_squared + variance)
-        return moments.mean_squared.div(denominator).mul_(moments.grad)  # gamma * g
+        return _adaptation_factor(moments, variance).mul_(moments.grad)  # gamma * g
 
     def _direction_foreach(self, moments, variances):
-        denominators = _safe_denominator_foreach_(torch._foreach_add(moments.mean_squared, variances))
-        directions = torch._foreach_div(moments.mean_squared, denominators)
+        directions = _adaptation_factor_foreach(moments, variances)
         torch._foreach_mul_(directions, moments.grad)
         return directions
 

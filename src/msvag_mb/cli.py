@@ -238,6 +238,18 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        args.distributed = _init_distributed(args.device)  # torchrun: every run data-parallel
+    except (RuntimeError, ValueError) as error:
+        return _fail(str(error))
+    try:
+        return _tune(args)
+    finally:
+        distributed.cleanup(args.distributed)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    is_main = args.distributed.is_main
+    try:
         grid = step_size_grid(args.lr_max or default_lr_max(args.problem, args.optimizer),
                               args.grid_points)
         problem = get_problem(args.problem)
@@ -248,12 +260,18 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
             # resume=True: a rerun of msvag-tune reuses finished grid points
             result = _run(_config(args, lr=lr, seed=0), args, args.out, data=data, resume=True)
             grid_results.append(result)
+            if not is_main:  # only rank 0 evaluates: it alone knows the scores
+                continue
             print(f"lr {lr:g}: " + ("diverged" if result.diverged else
                                     f"best test accuracy {result.best_test_accuracy:.4f}"))
-        stable = [r for r in grid_results if not r.diverged]
+        stable = [r for r in grid_results if not r.diverged]  # the same on every rank
         if not stable:
             return _fail(f"every step size of the grid {grid} diverged; lower --lr-max")
         winner = max(stable, key=lambda r: r.best_test_accuracy)
+        if args.distributed.is_distributed:  # rank 0's choice: the others have no scores
+            choice = [grid_results.index(winner)]
+            torch.distributed.broadcast_object_list(choice, src=0)
+            winner = grid_results[choice[0]]
         seeds = [winner] + [
             _run(_config(args, lr=winner.config.lr, seed=seed), args, args.out, data=data,
                  resume=True)
@@ -261,6 +279,8 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
         ]
     except (DataNotFoundError, FileExistsError, ValueError) as error:
         return _fail(str(error))
+    if not is_main:
+        return 0
     print(summarize(grid_results + seeds[1:]))
     summary = {
         "problem": args.problem, "method": winner.config.label, "grid": grid,

@@ -366,6 +366,30 @@ def train_runner_resume(rank: int) -> None:
         assert {r.get("engine") for r in full.records} == {"extensions"}
 
 
+@case("tune-runner")
+def tune_runner(rank: int) -> None:
+    from msvag_mb.cli import tune_main
+
+    out = _runs_dir() / "tune"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        code = tune_main(["--problem", "digits", "--optimizer", "msgd", "--steps", "6",
+                          "--eval-every", "3", "--lr-max", "1", "--grid-points", "2",
+                          "--seeds", "2", "--data", "synthetic", "--out", str(out),
+                          "--no-progress"])
+    finally:
+        torch.set_default_dtype(previous)
+    assert code == 0
+    dist.barrier()  # rank 0 writes the summary after the last run
+    summary = json.loads((out / "digits" / "tune_msgd.json").read_text())
+    assert summary["grid"] == [1.0, 0.6] and summary["winner_lr"] in summary["grid"]
+    # both ranks ran the winner's second seed together (a collective run)
+    winner_runs = sorted(p.name for p in (out / "digits").iterdir()
+                         if p.name.startswith(f"msgd__lr{summary['winner_lr']:g}__"))
+    assert winner_runs == [f"msgd__lr{summary['winner_lr']:g}__seed{s}" for s in (0, 1)]
+
+
 def worker(rank: int, init_file: str, results_dir: str) -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)

@@ -83,10 +83,15 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path):
     train(config, tmp_path, progress=False, overwrite=True)
     run_dir = tmp_path / "digits" / "msvag-mb__lr0.3__seed0"
     saved = json.loads((run_dir / "config.json").read_text())
-    saved["beta"] = 0.5
+    # a run saved before a field existed resumes with that field's default
+    del saved["world_size"]
     (run_dir / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match="cannot resume"):
-        train(config, tmp_path, progress=False, resume=True)
+    assert train(config, tmp_path, progress=False, resume=True).completed
+    for key, value in (("beta", 0.5), ("unknown_field", 1)):
+        changed = dict(saved, **{key: value})
+        (run_dir / "config.json").write_text(json.dumps(changed))
+        with pytest.raises(ValueError, match="cannot resume"):
+            train(config, tmp_path, progress=False, resume=True)
 
 
 def test_divergence_is_recorded(tmp_path):

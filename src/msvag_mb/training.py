@@ -345,6 +345,10 @@ def train(
     if run_dir.exists() and (metrics_path.exists() or checkpoint_path.exists()):
         if resume and checkpoint_path.exists():
             saved = json.loads(config_path.read_text())
+            try:  # through TrainConfig: a field added since the run was saved is defaulted
+                saved = dataclasses.asdict(TrainConfig(**saved))
+            except TypeError:  # a field this version does not know: a different config
+                pass
             if saved != dataclasses.asdict(config):
                 raise ValueError(
                     f"cannot resume {run_dir}: its config.json differs from this run's "

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from msvag_mb import ENGINES, GhostBatchEngine
+from msvag_mb import GhostBatchEngine
 from msvag_mb.problems import PROBLEMS, get_problem, l2_penalty, parameter_groups
 from msvag_mb.problems.data import load_pydoc_text, synthetic_images, synthetic_text
 from msvag_mb.problems.models import CharRNN, count_parameters
@@ -130,16 +130,9 @@ def _three_steps(tmp_path, name, optimizer, variance, **overrides):
     return result
 
 
-def _needs_extensions(name: str, variance: str | None) -> None:
-    if get_problem(name).kind == "text" and variance == "minibatch" and "extensions" not in ENGINES:
-        pytest.skip("the char-RNN's carried LSTM state needs engine 'extensions' (not "
-                    "registered in this checkout)")
-
-
 @pytest.mark.parametrize("optimizer,variance", METHODS)
 @pytest.mark.parametrize("name", ["fmnist_2c2d", "cifar10_3c3d", "tolstoi_char_rnn", "digits"])
 def test_three_steps(tmp_path, name, optimizer, variance):
-    _needs_extensions(name, variance)
     _three_steps(tmp_path, name, optimizer, variance)
 
 
@@ -188,8 +181,6 @@ def test_estimators_are_wired(tmp_path):
 def test_char_rnn_minibatch_variance_with_carried_state_matches_brute_force():
     """P4's model and loss under engine 'auto' (the extensions engine): with a carried
     state, p.grad_variance equals the brute-force variance over the B sequences."""
-    if "extensions" not in ENGINES:
-        pytest.skip("engine 'extensions' is not registered in this checkout")
     from msvag_mb import GradientVariance
 
     problem = get_problem("tolstoi_char_rnn")

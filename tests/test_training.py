@@ -252,3 +252,15 @@ def test_monitor_refuses_optimizer_without_adaptation(tmp_path, capsys):
                        "--monitor", "--out", str(tmp_path), "--no-progress"])
     assert code == 2
     assert "msgd has none" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine", ["ghost_batch", "auto"])
+def test_ghost_batches_are_refused_on_several_processes(engine):
+    from msvag_mb.training import make_gradient_variance
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4),
+                                torch.nn.Linear(4, 2))  # train-mode BatchNorm: ghost batches
+    config = TrainConfig(problem="digits", variance="minibatch", engine=engine,
+                         world_size=2).resolved()
+    with pytest.raises(ValueError, match="one process only"):
+        make_gradient_variance(config, get_problem("digits"), model, torch.nn.CrossEntropyLoss())

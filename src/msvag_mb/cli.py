@@ -17,7 +17,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -93,7 +93,23 @@ def _config(args: argparse.Namespace, **overrides) -> TrainConfig:
 def _run(config: TrainConfig, args: argparse.Namespace, out: str, **kwargs) -> RunResult:
     return train(config, out, data_dir=args.data_dir, download=args.download,
                  device=args.device, progress=not args.no_progress,
-                 distributed=getattr(args, "distributed", None), **kwargs)
+                 distributed=args.distributed, **kwargs)
+
+
+def _in_process_group(args: argparse.Namespace,
+                      command: Callable[[argparse.Namespace], int]) -> int:
+    """Run ``command(args)`` with ``args.threads`` applied and ``args.distributed`` set to
+    torchrun's process group (a single-process context without torchrun), ended after."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        args.distributed = _init_distributed(args.device)
+    except (RuntimeError, ValueError) as error:
+        return _fail(str(error))
+    try:
+        return command(args)
+    finally:
+        distributed.cleanup(args.distributed)
 
 
 def _init_distributed(device: str) -> distributed.DistributedContext:
@@ -137,23 +153,19 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                              "10) in the run's monitor.jsonl (and TensorBoard if installed); "
                              "msvag-plot draws it. For msvag, svag, adamstar")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    compare = args.compare or not argv
+    args.compare = args.compare or not argv
+    return _in_process_group(args, _train)
+
+
+def _train(args: argparse.Namespace) -> int:
     try:
-        args.distributed = _init_distributed(args.device)
-    except (RuntimeError, ValueError) as error:
-        return _fail(str(error))
-    try:
-        if compare:
+        if args.compare:
             return _compare(args)
         config = _config(args)
         result = _run(config, args, args.out or "runs", resume=args.resume,
                       overwrite=args.overwrite, monitor=args.monitor)
     except (DataNotFoundError, FileExistsError, ValueError) as error:
         return _fail(str(error))
-    finally:
-        distributed.cleanup(args.distributed)
     if not args.distributed.is_main:
         return 1 if result.diverged else 0
     print(summarize([result]))
@@ -235,16 +247,7 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=10, help="default: %(default)s")
     parser.add_argument("--out", default="runs/tune", help="default: %(default)s")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        args.distributed = _init_distributed(args.device)  # torchrun: every run data-parallel
-    except (RuntimeError, ValueError) as error:
-        return _fail(str(error))
-    try:
-        return _tune(args)
-    finally:
-        distributed.cleanup(args.distributed)
+    return _in_process_group(args, _tune)  # under torchrun every run is data-parallel
 
 
 def _tune(args: argparse.Namespace) -> int:

@@ -151,13 +151,17 @@ def shard_batch(
     """
     if not ctx.is_distributed:
         return inputs, targets
-    total = targets.shape[0]
+    share = shard_slice(targets.shape[0], ctx)
+    if isinstance(inputs, Tensor):
+        return inputs[share], targets[share]
+    return tuple(x[share] for x in inputs), targets[share]
+
+
+def shard_slice(total: int, ctx: DistributedContext) -> slice:
+    """This rank's contiguous share of ``total`` examples, as :func:`shard_sizes` splits them."""
     sizes = shard_sizes(total, ctx.world_size)
     start = sum(sizes[:ctx.rank])
-    stop = start + sizes[ctx.rank]
-    if isinstance(inputs, Tensor):
-        return inputs[start:stop], targets[start:stop]
-    return tuple(x[start:stop] for x in inputs), targets[start:stop]
+    return slice(start, start + sizes[ctx.rank])
 
 
 def rank_seed(seed: int, ctx: DistributedContext) -> int:

@@ -135,9 +135,6 @@ class TrainConfig:
         if resolved.world_size < 1 or resolved.batch_size < resolved.world_size:
             raise ValueError(f"batch size {resolved.batch_size} (the global batch) must be at "
                              f"least the number of processes, {resolved.world_size}")
-        if resolved.world_size > 1 and engine == "ghost_batch":
-            raise ValueError("the ghost-batch estimator (BatchNorm in train mode) runs on one "
-                             "process only; use --variance moving_average with torchrun.")
         return resolved
 
     @property
@@ -566,9 +563,7 @@ def _local_carried_state(state, ctx: DistributedContext):
     if not ctx.is_distributed:
         return state
     def share(tensor: torch.Tensor) -> torch.Tensor:
-        sizes = distributed_module.shard_sizes(tensor.shape[1], ctx.world_size)
-        start = sum(sizes[:ctx.rank])
-        return tensor[:, start:start + sizes[ctx.rank]].to(ctx.device)
+        return tensor[:, distributed_module.shard_slice(tensor.shape[1], ctx)].to(ctx.device)
     return [None if s is None else tuple(share(t) for t in s) for s in state]
 
 

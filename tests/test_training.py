@@ -247,9 +247,11 @@ def test_monitor_log_survives_resume(tmp_path):
     assert sorted({r["step"] for r in log(full)}) == [0, 3, 6, 9]
 
 
-def test_monitor_refuses_optimizer_without_adaptation(tmp_path, capsys):
+# "--monitor-every N": the spelling torchrun's own parser leaves alone
+@pytest.mark.parametrize("flag", [["--monitor"], ["--monitor-every", "3"]])
+def test_monitor_refuses_optimizer_without_adaptation(tmp_path, capsys, flag):
     code = train_main(["--problem", "digits", "--optimizer", "msgd", "--steps", "2",
-                       "--monitor", "--out", str(tmp_path), "--no-progress"])
+                       *flag, "--out", str(tmp_path), "--no-progress"])
     assert code == 2
     assert "msgd has none" in capsys.readouterr().err
 

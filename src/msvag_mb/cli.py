@@ -148,10 +148,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compare", action="store_true",
                         help="run M-SGD, M-SVAG (both estimators) and Adam with the problem's "
                              "step sizes, print a table and write a plot (the no-argument default)")
-    parser.add_argument("--monitor", type=int, nargs="?", const=10, default=None, metavar="N",
+    # "--monitor-every": torchrun's own parser takes "--monitor" for its --monitor-interval
+    parser.add_argument("--monitor", "--monitor-every", type=int, nargs="?", const=10,
+                        default=None, metavar="N",
                         help="record what the variance adaptation sees every N steps (default "
                              "10) in the run's monitor.jsonl (and TensorBoard if installed); "
-                             "msvag-plot draws it. For msvag, svag, adamstar")
+                             "msvag-plot draws it. For msvag, svag, adamstar. Under torchrun "
+                             "write --monitor-every N")
     args = parser.parse_args(argv)
     args.compare = args.compare or not argv
     return _in_process_group(args, _train)

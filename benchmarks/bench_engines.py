@@ -117,7 +117,7 @@ METHOD_LABELS = {"extensions": "ours (extensions)", "backpack": "BackPACK SumGra
 
 def within_batch_variance_(grad, sum_grad_squared, batch: int):
     """``(B sum_n c_n^2 - grad^2) / (B - 1)`` clamped at 0, in place in ``sum_grad_squared``:
-    the formula of ``msvag_mb.gradient_variance._single_batch_variance`` in three kernels
+    the formula of ``msvag_mb.batch_statistics.single_batch_variance`` in three kernels
     and no new tensor."""
     return sum_grad_squared.mul_(batch / (batch - 1)).addcmul_(
         grad, grad, value=-1.0 / (batch - 1)).clamp_(min=0.0)
@@ -155,7 +155,7 @@ def methods(model: nn.Module, loss_fn) -> tuple[dict[str, Callable], list]:
 
         def run(x, y, engine=engine):
             result = engine.compute(model, loss_fn, x, y, params)
-            return [within_batch_variance_(s.grad, s.sum_grad_squared, result.batch_size)
+            return [within_batch_variance_(s.grad, s.sum_grad_squared, result.units)
                     for s in result.statistics.values()]
 
         found[name] = run
@@ -244,7 +244,7 @@ def _clear(holders: list) -> None:
             continue
         for param in holder.parameters():
             param.grad = None
-            msvag_mb.optimizers.clear_grad_variance(param)
+            msvag_mb.param_variance.clear_grad_variance(param)
     gc.collect()
 
 

@@ -1,7 +1,7 @@
 """Issue 4's benchmark: every engine on the four shapes, and the optimizer step vs Adam.
 
 Usage:  OMP_WAIT_POLICY=PASSIVE python benchmarks/run_all.py [--quick] [--no-memory]
-            [--no-step] [--workloads mlp 2c2d 3c3d char_rnn lstm2]
+            [--no-step] [--no-first-step] [--workloads mlp 2c2d 3c3d char_rnn lstm2]
 
 One entry point for the two parts, each also runnable alone:
 
@@ -9,11 +9,14 @@ One entry point for the two parts, each also runnable alone:
   SumGradSquared and Variance, vmap, and the full ``GradientVariance.backward``) as a
   ratio to a plain forward+backward, interleaved, with the extra peak memory of each
   method's step relative to the plain step's own peak (one child process);
-* ``bench_step.py``: the M-SVAG update (both estimators; for-loop, foreach, fused) against
-  the faster of ``torch.optim.Adam``'s for-loop and foreach paths, interleaved.
+* ``bench_step.py``: the update of every member x estimator (without flags, and the
+  compiled kernel alone) against ``torch.optim.Adam`` with ``fused=True``, ``foreach=True``
+  and without flags, on the 3c3d parameters, 20 x 1M and 200 small tensors, interleaved;
+  then the first-step (compilation) cost in child processes, with a cold and a warm
+  Inductor cache (``--no-first-step`` skips it); on CUDA too where a GPU is present.
 
-``--quick`` (5 engine repeats, 7 step repeats) takes about a minute on 2 cores; the full
-run (15 and 25) a few minutes. Results and the machine they came from:
+``--quick`` (5 engine repeats, 9 step rounds) takes a few minutes on 2 cores; the full
+run (15 and 25) longer. Results and the machine they came from:
 ``docs/benchmarks.md``. Set ``OMP_WAIT_POLICY=PASSIVE`` on a shared machine: spinning
 OpenMP workers of one method would otherwise slow down the next.
 """
@@ -26,6 +29,8 @@ import sys
 import time
 import warnings
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_engines  # noqa: E402
@@ -37,6 +42,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (about a minute)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child")
     parser.add_argument("--no-step", action="store_true", help="skip the step vs Adam")
+    parser.add_argument("--no-first-step", action="store_true",
+                        help="skip the step's first-step (compilation) cost")
     parser.add_argument("--workloads", nargs="*", default=list(bench_engines.WORKLOADS),
                         choices=list(bench_engines.WORKLOADS))
     args = parser.parse_args()
@@ -48,7 +55,10 @@ def main() -> None:
                                memory=not args.no_memory)
     if not args.no_step:
         lines += ["", "## Optimizer step (update only) vs torch.optim.Adam", ""]
-        lines += bench_step.run(7 if args.quick else 25)
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        for device in devices:
+            lines += bench_step.run(9 if args.quick else 25, device,
+                                    first_step=not args.no_first_step)
     print("\n" + "\n".join(lines))
     print(f"\n(total {time.perf_counter() - start:.0f} s)")
 

@@ -1,6 +1,7 @@
 """The paper's side results, computed and plotted (Balles & Hennig, Dissecting Adam, 2018).
 
     python examples/paper_theory.py [--out paper_theory_figures/]
+    python examples/paper_theory.py --quick    # fewer Monte-Carlo samples (seconds)
 
 Writes four figures and prints a summary (under a minute on two CPU cores):
 
@@ -31,13 +32,14 @@ import msvag_mb  # noqa: E402
 from msvag_mb import theory  # noqa: E402
 
 
-def figure3(out: Path) -> str:
+def figure3(out: Path, quick: bool = False) -> str:
     eta = torch.logspace(-2, 2, 400, dtype=torch.float64)
     sign_factor, adam_factor = theory.sign_vs_variance_factor(eta)
     # Monte-Carlo 2 rho - 1 = E[sign(g)] sign(mu) for g ~ N(1, eta^2): checks Eq. (10).
     gen = torch.Generator().manual_seed(0)
     eta_mc = torch.logspace(-1, 1, 9, dtype=torch.float64)
-    g = 1.0 + eta_mc * torch.randn(20_000, len(eta_mc), generator=gen, dtype=torch.float64)
+    samples = 5_000 if quick else 20_000
+    g = 1.0 + eta_mc * torch.randn(samples, len(eta_mc), generator=gen, dtype=torch.float64)
     mc = torch.sign(g).mean(0)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.semilogx(eta, sign_factor, label=r"$\mathrm{erf}(1/(\sqrt{2}\eta))$ (optimal, sign)")
@@ -53,9 +55,9 @@ def figure3(out: Path) -> str:
     return f"Fig. 3: max |erf(1/(sqrt2 eta)) - 1/sqrt(1+eta^2)| = {gap:.3f} over eta in [1e-2, 1e2]"
 
 
-def pdiag_figure(out: Path) -> str:
+def pdiag_figure(out: Path, quick: bool = False) -> str:
     dims = [5, 10, 20, 50, 100]
-    num = 200
+    num = 20 if quick else 200
     rank_one, bound, spread = [], [], []
     for d in dims:
         U = theory.haar_orthogonal(d, num, generator=d)
@@ -87,7 +89,7 @@ def pdiag_figure(out: Path) -> str:
             f"paper: ~1.57")
 
 
-def sqp_figure(out: Path) -> str:
+def sqp_figure(out: Path, quick: bool = False) -> str:
     d = 100
     spectra = {
         "ill-conditioned: two eigenvalues 10, rest 1": torch.cat(
@@ -99,7 +101,8 @@ def sqp_figure(out: Path) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
     lines = []
     for ax, (title, lam) in zip(axes, spectra.items()):
-        grid = theory.improvement_ratio_grid(lam, omegas, nus, num_points=64, num_samples=128)
+        grid = theory.improvement_ratio_grid(lam, omegas, nus, num_points=16 if quick else 64,
+                                             num_samples=32 if quick else 128)
         for j, nu in enumerate(nus):
             ax.errorbar(grid["p_diag"], grid["ratio"][:, j], yerr=2 * grid["ratio_se"][:, j],
                         marker="o", capsize=2, label=rf"$\nu={nu:g}$ (Monte Carlo)")
@@ -118,7 +121,7 @@ def sqp_figure(out: Path) -> str:
     return "sQP, expected improvement of sign descent / SGD (d = 100):\n" + "\n".join(lines)
 
 
-def lemma2_figure(out: Path) -> str:
+def lemma2_figure(out: Path, quick: bool = False) -> str:
     X, y = theory.wilson_construction(20, generator=0)
     c = theory.lemma2_constant(X, y)
     optimizers = {
@@ -130,7 +133,7 @@ def lemma2_figure(out: Path) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     lines = [f"Lemma 2 (Wilson et al. data, n=20, d={X.shape[1]}, X sign(X^T y) = {c:g} y):"]
     for name, make in optimizers.items():
-        run = theory.run_least_squares(make, X, y, steps=300)
+        run = theory.run_least_squares(make, X, y, steps=100 if quick else 300)
         cos = theory.cosine_to_sign_direction(run.iterates, X, y)[1:]
         accuracy = theory.wilson_test_accuracy(run.iterates[-1], 10_000, generator=1)
         axes[0].plot(range(1, len(cos) + 1), cos, label=name)
@@ -151,12 +154,14 @@ def lemma2_figure(out: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("paper_theory_figures"))
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer Monte-Carlo samples and steps (seconds; rougher numbers)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for part in (figure3, pdiag_figure, sqp_figure, lemma2_figure):
         part_start = time.perf_counter()
-        print(part(args.out), f"[{time.perf_counter() - part_start:.1f} s]")
+        print(part(args.out, args.quick), f"[{time.perf_counter() - part_start:.1f} s]")
     print(f"figures in {args.out}/ ({time.perf_counter() - start:.1f} s)")
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .core import LayerContext, OutputGradientExtension, batch_axis, register_extension
+from msvag_mb.model_checks import TRAIN_MODE_BATCHNORM_FIX
+
+from .core import OutputGradientExtension, register_extension
 
 
 def normalized_input(module: nn.modules.batchnorm._BatchNorm, inputs: Tensor) -> Tensor:
@@ -47,18 +49,16 @@ class BatchNormExtension(OutputGradientExtension):
     def unsupported_reason(self, module: nn.Module) -> str | None:
         """Refuse train mode and ``track_running_stats=False`` (batch statistics couple examples)."""
         if module.training:
-            return ("is in train mode: examples are not independent, so per-example "
-                    "gradients are undefined. Call model.eval() for these layers, or use "
-                    "engine=msvag_mb.GhostBatchEngine(groups=K).")
+            return f"is in train mode: {TRAIN_MODE_BATCHNORM_FIX}"
         if module.running_mean is None:
             return ("has track_running_stats=False, so it normalises with batch statistics "
                     "even in eval mode (examples are not independent); use "
                     "track_running_stats=True, or engine=msvag_mb.GhostBatchEngine(groups=K).")
         return None
 
-    def batch_axis(self, module: nn.Module, inputs: Tensor, context: LayerContext) -> int:
-        """Dim 0 (BatchNorm inputs are ``(B, C, *)``)."""
-        return batch_axis(inputs, context, sequence_first=False)  # (B, C, *) only
+    def batch_axes(self, module: nn.Module, inputs: Tensor) -> tuple[int, ...]:
+        """Only dim 0 (BatchNorm inputs are ``(B, C, *)``)."""
+        return (0,)
 
     def sum_grad_squared(self, module: nn.Module, inputs: Tensor, grad_output: Tensor,
                          requested: frozenset[str]) -> dict[str, Tensor]:

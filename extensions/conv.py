@@ -11,20 +11,12 @@ then squared and summed:
   ``U_n = unfold(X_n)`` ``(in*k, L)``, so the contribution is ``G_n U_n^T``, one ``bmm``.
 
 The per-example weights of a chunk of examples are squared and summed while they are
-still in cache: :data:`PER_EXAMPLE_CHUNK_ELEMENTS` bounds a chunk's per-example weights.
-Measured on this project's 2-core machine (float32, 2 threads, ``OMP_WAIT_POLICY=PASSIVE``),
-per layer, interleaved (the numbers move by 2x with the machine's load; the orderings held):
-
-* chunks of 1-2M elements made the 2c2d's second conv and the 3c3d's second and third
-  1.5-2x faster than one chunk of the whole batch (and the whole 3c3d step 1.66x the plain
-  step's time at 2M against 2.38x at 16M);
-* the patches are built from ``Tensor.unfold`` windows with one copy, 5-13x faster than
-  ``F.unfold`` here;
-* unfold + bmm beat the grouped convolution 2-4x on the first layers, whose patches are
-  small (2c2d: 1 x 5x5, 1.6 ms against 7.2; 3c3d: 3 x 5x5, 9.5 against 18.6), and lost
-  1.5-2x on the second layers (32 x 5x5, 64 x 3x3); the third 3c3d layer (96 x 3x3, 6x6
-  map) was a tie. Hence :data:`GROUPED_MIN_PATCH`. The grouped path was also up to 10x
-  faster on 8x8 maps with 16 and 64 channels.
+still in cache (:data:`~msvag_mb.extensions.core.CACHE_BUDGET_ELEMENTS` bounds a chunk's
+per-example weights); the patches are built from ``Tensor.unfold`` windows with one copy
+(faster than ``F.unfold``); unfold + bmm is used for small patches, where it beat the
+grouped convolution, and the grouped convolution for large ones
+(:data:`GROUPED_MIN_PATCH`). The measurements behind these choices are in
+docs/benchmarks.md, "Measured choices in the extensions".
 
 Non-zero padding modes and ``padding='same'`` (possibly asymmetric) are applied with
 ``F.pad`` exactly as the module's forward does.
@@ -38,25 +30,21 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from msvag_mb.engines.base import UnsupportedModelError
+from msvag_mb.model_checks import unbatched_input_error
 
 from .core import (
+    CACHE_BUDGET_ELEMENTS,
+    MEMORY_BUDGET_ELEMENTS,
     LayerContext,
     OutputGradientExtension,
-    batch_axis,
     chunk_size,
     register_extension,
 )
 
-#: the grouped-convolution path is used for layers with at least this many output
-#: locations and at least :data:`GROUPED_MIN_PATCH` input values per patch and group
-#: (``in_channels / groups * prod(kernel_size)``); unfold + bmm otherwise
-GROUPED_MIN_LOCATIONS = 0
+#: the grouped-convolution path is used for layers with at least this many input values
+#: per patch and group (``in_channels / groups * prod(kernel_size)``), unfold + bmm below:
+#: unfold + bmm won on small patches, the grouped convolution on large ones (measured)
 GROUPED_MIN_PATCH = 256
-
-#: per-example weight elements per chunk of examples (8 MB in float32): squared and summed
-#: while still in cache
-PER_EXAMPLE_CHUNK_ELEMENTS = 1 << 21
 
 
 def _padded(module: nn.Conv1d | nn.Conv2d, inputs: Tensor) -> tuple[Tensor, tuple[int, ...]]:
@@ -89,8 +77,7 @@ def _per_example_by_grouped_conv(module: nn.Conv1d | nn.Conv2d, inputs: Tensor,
 
 def _patches(inputs: Tensor, kernel_size, dilation, stride, padding) -> Tensor:
     """``F.unfold``'s patches ``(B, C * prod(kernel_size), L)`` (also for Conv1d), built from
-    ``Tensor.unfold`` windows and one copy: measured 5-13x faster than ``F.unfold`` on the
-    2c2d/3c3d layers in this build."""
+    ``Tensor.unfold`` windows and one copy (measured faster than ``F.unfold``)."""
     if any(padding):
         pads = [side for p in reversed(padding) for side in (p, p)]
         inputs = F.pad(inputs, pads)
@@ -125,14 +112,14 @@ def conv_weight_sum_grad_squared(module: nn.Conv1d | nn.Conv2d, inputs: Tensor,
     """``sum_n (per-example weight gradient)**2``, shaped like ``module.weight``."""
     inputs, padding = _padded(module, inputs)
     locations = grad_output[0, 0].numel()
-    grouped = (locations >= GROUPED_MIN_LOCATIONS
-               and module.weight[0].numel() >= GROUPED_MIN_PATCH)
+    grouped = module.weight[0].numel() >= GROUPED_MIN_PATCH
     per_example_weights = _per_example_by_grouped_conv if grouped else _per_example_by_unfold
     batch = inputs.shape[0]
     # per-example weights of one chunk stay in cache while squared and summed; the
     # unfolded patches (unfold path) are bounded too
-    step = min(chunk_size(module.weight.numel(), PER_EXAMPLE_CHUNK_ELEMENTS),
-               chunk_size(module.in_channels * locations * module.weight[0, 0].numel()))
+    step = min(chunk_size(module.weight.numel(), CACHE_BUDGET_ELEMENTS),
+               chunk_size(module.in_channels * locations * module.weight[0, 0].numel(),
+                          MEMORY_BUDGET_ELEMENTS))
     result = None
     for start in range(0, batch, step):
         per_example = per_example_weights(module, inputs[start:start + step], padding,
@@ -159,11 +146,12 @@ class ConvExtension(OutputGradientExtension):
     def batch_axis(self, module: nn.Module, inputs: Tensor, context: LayerContext) -> int:
         """Dim 0; an unbatched input (no examples dim) is refused."""
         if inputs.dim() != (3 if isinstance(module, nn.Conv1d) else 4):
-            raise UnsupportedModelError(
-                f"layer '{context.name}' ({type(module).__name__}) got an unbatched input of "
-                f"shape {tuple(inputs.shape)}; pass inputs with the examples along dim 0."
-            )
-        return batch_axis(inputs, context, sequence_first=False)
+            raise unbatched_input_error(context.name, type(module).__name__, inputs.shape)
+        return super().batch_axis(module, inputs, context)
+
+    def batch_axes(self, module: nn.Module, inputs: Tensor) -> tuple[int, ...]:
+        """Only dim 0: a convolution mixes the entries of every other dim."""
+        return (0,)
 
     def sum_grad_squared(self, module: nn.Module, inputs: Tensor, grad_output: Tensor,
                          requested: frozenset[str]) -> dict[str, Tensor]:

@@ -10,8 +10,12 @@ Two wiring styles exist:
 
 * :class:`OutputGradientExtension`: the layer's per-example contributions are a function of
   its input and the gradient w.r.t. its output (Linear, Conv, Embedding, BatchNorm). A
-  forward hook saves the input and puts a tensor hook on the output; the statistics are
-  computed as soon as the output gradient arrives, and the saved input is released.
+  forward hook locates the examples in the input (:meth:`LayerContext.batch_axis`: known
+  from the model's inputs, or refused; :mod:`~msvag_mb.extensions.layout`), registers the
+  output's layout for the layers after it, records the call's graph for the check of
+  uses outside the layer (:mod:`~msvag_mb.extensions.uses`), saves the input and puts a
+  tensor hook on the output; the statistics are computed as soon as the output gradient
+  arrives, and the saved input is released.
 * anything else implements :meth:`ModuleExtension.attach` itself (the LSTM swaps in an
   equivalent forward whose backward yields the per-time-step gate gradients).
 
@@ -23,12 +27,18 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Protocol
+from typing import Callable, ClassVar, Container, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from msvag_mb.engines.base import UnsupportedModelError
+from msvag_mb.model_checks import UnsupportedModelError
+
+from .layout import ExampleLayouts
+from .uses import ParameterUses
+
+
+_WEIGHT_AND_BIAS = frozenset({"weight", "bias"})
 
 
 class Removable(Protocol):
@@ -44,15 +54,17 @@ class LayerContext:
 
     ``emit(param_name, sum_grad_squared)`` reports a result for the module's parameter
     ``param_name`` (its attribute name, e.g. ``"weight"`` or ``"weight_hh_l1"``).
+    ``layouts`` knows where the examples are in the tensors of this forward pass (the
+    extension asks it for its input's batch axis and registers its output's), ``uses``
+    records the graph of each call (to find uses of the parameters outside the layer).
     """
 
     name: str
     batch_size: int
     requested: frozenset[str]
     emit: Callable[[str, Tensor], None]
-    #: a sequence-first (``batch_first=False``) RNN in the model makes inputs whose dims 0
-    #: and 1 both equal the batch size ambiguous (see :func:`batch_axis`)
-    model_has_sequence_first_rnn: bool = False
+    layouts: ExampleLayouts
+    uses: ParameterUses
     calls: int = field(default=0)
 
     def count_call(self) -> None:
@@ -66,8 +78,13 @@ class LayerContext:
             raise UnsupportedModelError(
                 f"layer '{self.name}' is called more than once in one forward pass (shared "
                 "weights): the per-example contributions of its calls would have to be added "
-                "before squaring. Use engine='vmap'."
+                "before squaring. Use engine='vmap' (engine='auto' falls back to it)."
             )
+
+    def batch_axis(self, tensor: Tensor, kind: str, allowed: Container[int]) -> int:
+        """The axis of the layer's input ``tensor`` that holds the examples (see
+        :meth:`~msvag_mb.extensions.layout.ExampleLayouts.batch_axis`)."""
+        return self.layouts.batch_axis(tensor, self.name, kind, allowed)
 
 
 class ModuleExtension(ABC):
@@ -83,12 +100,33 @@ class ModuleExtension(ABC):
         """
         return None
 
+    def parameter_names(self, module: nn.Module) -> frozenset[str]:
+        """The names of the module's own parameters that the extension reports on."""
+        return _WEIGHT_AND_BIAS
+
     @abstractmethod
     def attach(self, module: nn.Module, context: LayerContext) -> list[Removable]:
         """Arrange for ``context.emit`` to receive the statistics during the next backward.
 
         Returns what must be removed afterwards to leave the module exactly as it was.
         """
+
+    def output_layouts(self, module: nn.Module, input_axis: int | None,
+                       output) -> list[tuple[Tensor, int]]:
+        """``(tensor, batch axis)`` of the module's outputs, given its input's batch axis
+        (``None``: unknown); default: a single output in the input's layout."""
+        return [] if input_axis is None else [(output, input_axis)]
+
+    def track_layout(self, module: nn.Module, layouts: ExampleLayouts) -> list[Removable]:
+        """For a frozen module (no statistics wanted): register where the examples are in
+        its outputs, so that the layers after it can locate them. Never refuses."""
+        def forward_hook(module: nn.Module, args: tuple, output) -> None:
+            if args and isinstance(args[0], Tensor):
+                axis = layouts.known_axis(args[0])
+                for tensor, batch_axis in self.output_layouts(module, axis, output):
+                    layouts.register(tensor, batch_axis)
+
+        return [module.register_forward_hook(forward_hook)]
 
 
 class OutputGradientExtension(ModuleExtension):
@@ -103,9 +141,16 @@ class OutputGradientExtension(ModuleExtension):
         parameters' dtype. ``grad_output`` already carries the loss's scaling (e.g. 1/B).
         """
 
+    def batch_axes(self, module: nn.Module, inputs: Tensor) -> Container[int]:
+        """The axes of ``inputs`` the layer can take the examples from (default: any but
+        the last, the features)."""
+        return range(inputs.dim() - 1)
+
     def batch_axis(self, module: nn.Module, inputs: Tensor, context: LayerContext) -> int:
-        """Axis of ``inputs`` (and of the output) that holds the examples."""
-        return batch_axis(inputs, context)
+        """Axis of ``inputs`` (and of the output) that holds the examples: known from the
+        model's inputs (:class:`~msvag_mb.extensions.layout.ExampleLayouts`), else refused."""
+        return context.batch_axis(inputs, type(module).__name__,
+                                  self.batch_axes(module, inputs))
 
     def attach(self, module: nn.Module, context: LayerContext) -> list[Removable]:
         """Register the forward hook that saves the input and hooks the output gradient."""
@@ -116,6 +161,8 @@ class OutputGradientExtension(ModuleExtension):
             context.count_call()
             inputs = args[0]
             axis = self.batch_axis(module, inputs, context)
+            context.layouts.register(output, axis)  # the layer keeps its input's layout
+            context.uses.record_call(context.name, args, output)
             version = inputs._version
 
             def on_output_gradient(grad_output: Tensor) -> None:
@@ -141,47 +188,14 @@ class OutputGradientExtension(ModuleExtension):
         return handles
 
 
-def batch_axis(inputs: Tensor, context: LayerContext, sequence_first: bool = True,
-               feature_dims: int = 1) -> int:
-    """The axis of a layer's input that holds the B examples: 0, or (if ``sequence_first``
-    layouts are possible for the layer) 1 for ``(T, B, *features)``, e.g. after an LSTM
-    with ``batch_first=False``; ``feature_dims`` trailing dims are not examples' axes.
-
-    Raises :class:`UnsupportedModelError` when neither fits (the model merged the examples
-    into another axis) or when both fit in a model with a sequence-first RNN.
-    """
-    batch = context.batch_size
-    shape = tuple(inputs.shape)
-    first = inputs.dim() >= 1 and shape[0] == batch
-    second = sequence_first and inputs.dim() >= 2 + feature_dims and shape[1] == batch
-    if first and second and context.model_has_sequence_first_rnn:
-        raise UnsupportedModelError(
-            f"layer '{context.name}' got an input of shape {shape} whose dims 0 and 1 both "
-            f"equal the batch size {batch}, in a model with a sequence-first RNN: the batch "
-            "axis is ambiguous. Use batch_first=True, or a batch size different from the "
-            "sequence length."
-        )
-    if first:
-        return 0
-    if second:
-        return 1
-    raise UnsupportedModelError(
-        f"layer '{context.name}' got an input of shape {shape} with no batch axis of size "
-        f"{batch} in dim 0{' (or dim 1 for sequence-first inputs)' if sequence_first else ''}: "
-        "the model merges or "
-        "reorders examples before this layer (e.g. flatten(0, 1)), so per-example "
-        "contributions cannot be separated. Keep the examples along their own axis, or use "
-        "engine='vmap'."
-    )
-
-
-#: per-example tensors of this many elements per chunk (8 MB in float32, a quarter of this
-#: machine's L3) are formed, squared and summed together. Measured for one char-LSTM layer
-#: (B=50, T=50, per-example (512, 256) matrices; 2 cores, OMP_WAIT_POLICY=PASSIVE):
-#: 10.6 ms at 1 << 19, 7.9 at 1 << 20, 6.8-7.0 at 1 << 21, 6.3-6.6 at 1 << 22 (fewer,
-#: larger kernels: each launch wakes the worker threads); 1 << 21 keeps the chunk's
-#: memory at 8 MB
+#: per-example tensors of this many elements per chunk (8 MB in float32) are formed,
+#: squared and summed together while still in cache: the one chunk budget of every layer
+#: (measured on the LSTM and conv layers, docs/benchmarks.md)
 CACHE_BUDGET_ELEMENTS = 1 << 21
+
+#: a bound on other per-chunk buffers (e.g. a conv layer's unfolded patches; 64 MB in
+#: float32)
+MEMORY_BUDGET_ELEMENTS = 1 << 24
 
 
 #: elementwise work on tensors below this many elements runs on one thread (see
@@ -193,9 +207,8 @@ SMALL_ELEMENTS = 1 << 20
 def at_most_threads(count: int | None):
     """Run the block with at most ``count`` intra-op threads, restoring the setting after.
 
-    For short kernels: each parallel kernel wakes the worker threads, which costs about
-    50 us on the benchmark machine (2 cores, ``OMP_WAIT_POLICY=PASSIVE``), while squaring a
-    (128, 784) float32 tensor on one thread takes 7 us (53 us with two). ``None``: no change.
+    For short kernels: each parallel kernel wakes the worker threads, which can cost more
+    than the kernel itself (docs/benchmarks.md). ``None``: no change.
     """
     previous = torch.get_num_threads()
     if count is None or count >= previous:
@@ -208,7 +221,7 @@ def at_most_threads(count: int | None):
         torch.set_num_threads(previous)
 
 
-def chunk_size(per_example_elements: int, budget_elements: int = 1 << 24) -> int:
+def chunk_size(per_example_elements: int, budget_elements: int) -> int:
     """How many examples' per-example tensors fit in ``budget_elements`` at once."""
     return max(1, budget_elements // max(1, per_example_elements))
 

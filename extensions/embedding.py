@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .core import LayerContext, OutputGradientExtension, batch_axis, register_extension
+from .core import OutputGradientExtension, register_extension
 
 #: use the dense buffer while it has at most this many times the output gradient's rows
 DENSE_ROWS_FACTOR = 4
@@ -62,9 +62,9 @@ class EmbeddingExtension(OutputGradientExtension):
                     "it with scale_grad_by_freq=False.")
         return None
 
-    def batch_axis(self, module: nn.Module, inputs: Tensor, context: LayerContext) -> int:
-        """The examples' axis of the index tensor."""
-        return batch_axis(inputs, context, feature_dims=0)  # indices (B, *) or (T, B)
+    def batch_axes(self, module: nn.Module, inputs: Tensor) -> range:
+        """Any axis of the index tensor (``(B, T)``, ``(T, B)``, ...)."""
+        return range(inputs.dim())
 
     def sum_grad_squared(self, module: nn.Module, inputs: Tensor, grad_output: Tensor,
                          requested: frozenset[str]) -> dict[str, Tensor]:

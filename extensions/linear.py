@@ -10,9 +10,8 @@ contributions c_n themselves.
 * Sequence dims: per-example matrices by ``bmm`` (``B*T*out*in`` multiply-adds), in
   cache-sized chunks of examples. The "Gram" alternative,
   ``sum_{n,t,s} (G_nt * G_ns)^T (X_nt * X_ns)``, needs ``B*T^2*out*in`` multiply-adds, T times
-  more, and saves only memory that chunking already bounds; measured on the char-RNN decoder
-  (B=50, T=50, 128->83, float32) bmm took 0.7-0.9 ms and the Gram form 42-80 ms
-  (``benchmarks/bench_engines.py --linear-variants``).
+  more, and saves only memory that chunking already bounds; it was much slower where
+  measured (docs/benchmarks.md; ``benchmarks/bench_engines.py --linear-variants``).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from msvag_mb.engines.base import UnsupportedModelError
+from msvag_mb.model_checks import unbatched_input_error
 
 from .core import (
     CACHE_BUDGET_ELEMENTS,
@@ -28,7 +27,6 @@ from .core import (
     LayerContext,
     OutputGradientExtension,
     at_most_threads,
-    batch_axis,
     chunk_size,
     register_extension,
 )
@@ -39,12 +37,6 @@ def linear_weight_sum_grad_squared(inputs: Tensor, grad_output: Tensor) -> Tenso
     return linear_sum_grad_squared(inputs, grad_output, weight=True, bias=False)[0]
 
 
-def linear_bias_sum_grad_squared(grad_output: Tensor) -> Tensor:
-    """``sum_n (sum_t G_n[t])**2`` for output gradients ``(B, *, out)``."""
-    per_example = grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1]).sum(1)
-    return per_example.square().sum(0)
-
-
 def linear_sum_grad_squared(inputs: Tensor, grad_output: Tensor, weight: bool = True,
                             bias: bool = True) -> tuple[Tensor | None, Tensor | None]:
     """``(weight's, bias's)`` ``sum_n c_n**2`` (``None`` where not wanted) for inputs
@@ -52,11 +44,10 @@ def linear_sum_grad_squared(inputs: Tensor, grad_output: Tensor, weight: bool = 
 
     Without sequence dims both come from ``G**2``, squared once: the weight's is
     ``(G**2)^T (X**2)`` and the bias's the column sums of ``G**2``. Every elementwise
-    kernel over a large tensor costs a wake-up of the worker threads (about 50 us each on
-    the benchmark machine with ``OMP_WAIT_POLICY=PASSIVE``, as much as the kernel itself),
-    so the MLP path runs three kernels per layer, the two squares and the matmul, plus
-    the bias's column sums, and the elementwise ones on one thread when the tensors are
-    small (:func:`~msvag_mb.extensions.core.at_most_threads`).
+    kernel costs a wake-up of the worker threads (as much as a small kernel itself), so
+    the MLP path runs three kernels per layer, the two squares and the matmul, plus the
+    bias's column sums, and the elementwise ones on one thread when the tensors are small
+    (:func:`~msvag_mb.extensions.core.at_most_threads`).
     """
     batch = inputs.shape[0]
     x = inputs.reshape(batch, -1, inputs.shape[-1])
@@ -90,13 +81,11 @@ class LinearExtension(OutputGradientExtension):
     module_types = (nn.Linear,)
 
     def batch_axis(self, module: nn.Module, inputs: Tensor, context: LayerContext) -> int:
-        """The examples' axis of ``inputs``; an unbatched feature vector is refused."""
+        """The examples' axis of ``inputs`` (any but the features'); an unbatched feature
+        vector is refused."""
         if inputs.dim() < 2:  # a single unbatched feature vector holds no examples
-            raise UnsupportedModelError(
-                f"layer '{context.name}' (Linear) got an unbatched input of shape "
-                f"{tuple(inputs.shape)}; pass inputs with the examples along dim 0."
-            )
-        return batch_axis(inputs, context)
+            raise unbatched_input_error(context.name, "Linear", inputs.shape)
+        return super().batch_axis(module, inputs, context)
 
     def sum_grad_squared(self, module: nn.Module, inputs: Tensor, grad_output: Tensor,
                          requested: frozenset[str]) -> dict[str, Tensor]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import msvag_mb
-from msvag_mb.optimizers import batch_variance_of
+from msvag_mb.param_variance import read_grad_variance as batch_variance_of
 from conftest import make_mlp, mlp_problem
 
 SCALE = 2.0 ** 12

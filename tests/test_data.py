@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from msvag_mb.problems import data as data_module
 from msvag_mb.problems.data import (
     CharBatches,
+    DataFileError,
     DataNotFoundError,
     ImageBatches,
     char_windows,
@@ -27,12 +29,28 @@ from msvag_mb.problems.data import (
     read_idx,
 )
 
-WAR_AND_PEACE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "war_and_peace.txt"
+#: War and Peace in the data folders (conftest.py lists this repository's in $MSVAG_DATA_DIR)
+WAR_AND_PEACE = next((folder / data_module.WAR_AND_PEACE_FILE
+                      for folder in data_module.search_dirs(None)
+                      if (folder / data_module.WAR_AND_PEACE_FILE).is_file()), None)
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+def test_data_folders_come_from_the_environment_then_the_standard_places(monkeypatch, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    monkeypatch.setenv("MSVAG_DATA_DIR", f"{first}{os.pathsep}{second}")
+    folders = data_module.search_dirs(None)
+    assert folders[:2] == [first, second]
+    assert folders[2:] == [Path("~/data").expanduser(), Path("data"),
+                           Path("/usr/share/datasets")]
+    monkeypatch.delenv("MSVAG_DATA_DIR")
+    assert data_module.search_dirs(None) == folders[2:]
+    assert data_module.search_dirs(first) == [first]  # --data-dir: that folder only
+
+
 # -- War and Peace (real file, skipped when absent) ------------------------------------------
-@pytest.mark.skipif(not WAR_AND_PEACE.is_file(), reason=f"{WAR_AND_PEACE} not present")
+@pytest.mark.skipif(WAR_AND_PEACE is None,
+                    reason="war_and_peace.txt is in none of the data folders ($MSVAG_DATA_DIR)")
 def test_war_and_peace_preprocessing_matches_deepobs():
     text = load_war_and_peace(WAR_AND_PEACE.parent)
     assert len(text.vocabulary) == 83
@@ -225,3 +243,65 @@ def test_image_batches_are_a_pure_function_of_seed_and_step():
     test = list(batches.eval_batches("test"))
     train = list(batches.eval_batches("train"))
     assert sum(len(y) for _, y in test) == sum(len(y) for _, y in train) == 20
+
+
+# -- damaged or inconsistent files: refused on load, naming the file (issue 12) ---------------
+def _fashion_mnist_folder(tmp_path: Path, labels=None) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for key, stem in data_module.FASHION_MNIST_FILES.items():
+        array = rng.integers(0, 256, (7, 28, 28)) if key.endswith("x") else \
+            (rng.integers(0, 10, (7,)) if labels is None or key != "train_y" else labels)
+        _write_idx(tmp_path / stem, array, gz=True)
+    return tmp_path
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not gzip", "short header"])
+def test_a_damaged_idx_file_is_named(tmp_path, damage):
+    folder = _fashion_mnist_folder(tmp_path)
+    path = folder / "train-images-idx3-ubyte.gz"
+    good = path.read_bytes()
+    if damage == "short header":
+        with gzip.open(path, "wb") as handle:
+            handle.write(b"\x00\x00")
+    else:
+        path.write_bytes({"truncated": good[:len(good) // 2], "empty": b"",
+                          "not gzip": b"<html>404</html>"}[damage])
+    with pytest.raises(DataFileError, match="train-images-idx3-ubyte.gz") as info:
+        load_fashion_mnist(folder)
+    assert "--download" in str(info.value)
+
+
+def test_labels_out_of_range_or_not_one_per_image_are_named(tmp_path):
+    folder = _fashion_mnist_folder(tmp_path / "range", labels=np.array([0, 1, 2, 3, 4, 5, 12]))
+    with pytest.raises(DataFileError, match=r"train-labels-idx1-ubyte.gz holds labels .* 0\.\.9"):
+        load_fashion_mnist(folder)
+    folder = _fashion_mnist_folder(tmp_path / "count", labels=np.array([0, 1, 2]))
+    with pytest.raises(DataFileError, match="3 labels for the 7 images"):
+        load_fashion_mnist(folder)
+
+
+def test_a_damaged_cifar_batch_is_named(tmp_path):
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    _write_cifar(tmp_path / "cifar-10-batches-py", names, b"labels", 10, 2, 0)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:100])
+    with pytest.raises(DataFileError, match="data_batch_3"):
+        load_cifar(10, tmp_path)
+    with open(batch, "wb") as handle:  # labels beyond CIFAR-10's ten classes
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 10]}, handle)
+    with pytest.raises(DataFileError, match=r"data_batch_3 holds labels from 3 to 10"):
+        load_cifar(10, tmp_path)
+
+
+def test_a_damaged_data_file_refuses_the_run_in_one_line(tmp_path, capsys):
+    from msvag_mb.cli import train_main
+
+    folder = _fashion_mnist_folder(tmp_path / "data")
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b\x08truncated")
+    code = train_main(["--problem", "fmnist_2c2d", "--data-dir", str(folder), "--out",
+                       str(tmp_path / "runs"), "--no-progress"])
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "t10k-labels-idx1-ubyte.gz" in error
+    assert not (tmp_path / "runs").exists()

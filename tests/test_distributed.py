@@ -24,7 +24,7 @@ from torch import nn
 
 import msvag_mb
 from msvag_mb import distributed
-from msvag_mb.gradient_variance import _plan_buckets
+from msvag_mb.statistics_allreduce import plan_buckets as _plan_buckets
 
 WORLD = 2
 GLOBAL_BATCH = 16
@@ -309,7 +309,7 @@ def _runs_dir() -> Path:
 
 
 def _train(config, out: str, ctx=None, **kwargs):
-    from msvag_mb.training import train
+    from msvag_mb.runner import train
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)  # the runner's data and models are float32
@@ -329,7 +329,7 @@ def _assert_same_records(records, expected, rtol: float) -> None:
 
 @case("train-runner-equals-one-process")
 def train_runner(rank: int) -> None:
-    from msvag_mb.training import TrainConfig
+    from msvag_mb.runner import TrainConfig
 
     ctx = distributed.init_from_environment()
     # batch 15: shares of 8 and 7 examples, so the loss weighting of unequal shares counts
@@ -350,7 +350,7 @@ def train_runner(rank: int) -> None:
 
 @case("train-runner-resume-carried-state")
 def train_runner_resume(rank: int) -> None:
-    from msvag_mb.training import TrainConfig
+    from msvag_mb.runner import TrainConfig
 
     ctx = distributed.init_from_environment()
     config = TrainConfig(problem="pydoc_char_rnn", variance="minibatch", batch_size=5,

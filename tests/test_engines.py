@@ -11,10 +11,7 @@ import msvag_mb
 from msvag_mb.engines import ENGINES, UnsupportedModelError
 from conftest import PROBLEMS, CharModel, make_mlp, mlp_problem, sequence_loss
 
-PER_EXAMPLE_ENGINES = sorted(
-    name for name in ENGINES
-    if name != "ghost_batch" and not getattr(ENGINES[name], "units_are_ranks", False)
-)
+PER_EXAMPLE_ENGINES = sorted(name for name, cls in ENGINES.items() if cls.units_are_examples)
 
 
 def loss_for(problem: str, reduction: str):
@@ -148,7 +145,9 @@ def test_lstm_traps():
     model, x, y = PROBLEMS["char_lstm"]()
     with pytest.raises(UnsupportedModelError, match="num_layers=2.*use_converter"):
         msvag_mb.GradientVariance(model, sequence_loss, engine="backpack").backward(x, y)
-    with pytest.raises(UnsupportedModelError, match="wrong per-example gradients.*LSTM"):
+    # the refusal says what really happens in this torch version: vmap raises (no
+    # batching rule for the fused RNN kernels), it does not return wrong numbers
+    with pytest.raises(UnsupportedModelError, match="cannot run under torch.func.vmap.*LSTM"):
         msvag_mb.GradientVariance(model, sequence_loss, engine="vmap").backward(x, y)
 
     class WithState(nn.Module):
@@ -314,10 +313,124 @@ def test_vmap_exact_path_for_losses_that_do_not_split_per_example():
 
 
 def test_finiteness_check_is_exact_when_a_sum_overflows():
-    from msvag_mb.gradient_variance import _all_finite
+    from msvag_mb.param_variance import all_finite as _all_finite
 
     huge = torch.full((4,), 3e38, dtype=torch.float32)  # finite, but the sum overflows
     assert _all_finite([torch.ones(3), huge])
     assert not _all_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
     assert not _all_finite([huge, torch.tensor([float("-inf"), 0.0])])
     assert _all_finite([])
+
+
+# -- declared capabilities ----------------------------------------------------------------
+
+#: the capability names GradientVariance and the runner read, and their types
+CAPABILITIES = {
+    "units_are_examples": bool, "needs_distributed": bool, "supports_distributed": bool,
+    "autocast_in_backward": bool, "min_units": int, "handles_train_mode_batchnorm": bool,
+    "reruns_model": bool,
+}
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_engines_declare_their_capabilities(engine):
+    cls = ENGINES[engine]
+    for name, kind in CAPABILITIES.items():
+        assert isinstance(getattr(cls, name), kind), (engine, name)
+    assert cls.min_units >= 2
+    assert not (cls.needs_distributed and not cls.supports_distributed)
+    assert not (cls.needs_distributed and cls.units_are_examples)  # its units are ranks
+    if cls.needs_distributed:
+        return  # refused on one process whatever the model (test_distributed.py)
+    # the BatchNorm declaration agrees with what the engine accepts
+    batchnorm = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+    refused = cls.unsupported_reason(batchnorm) is not None
+    assert refused != cls.handles_train_mode_batchnorm
+
+
+def test_an_engine_that_does_not_support_distributed_is_refused_with_ddp(tmp_path):
+    import torch.distributed as dist
+
+    assert not msvag_mb.GhostBatchEngine.supports_distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)
+    try:
+        model, x, y = mlp_problem(batch=8)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        gv = msvag_mb.GradientVariance(ddp, nn.CrossEntropyLoss(),
+                                       engine=msvag_mb.GhostBatchEngine(groups=2))
+        with pytest.raises(ValueError, match="runs on one process only.*rank_spread"):
+            gv.backward(x, y)
+        assert all(p.grad is None for p in model.parameters())
+        gv = msvag_mb.GradientVariance(ddp, nn.CrossEntropyLoss(), engine="vmap")
+        expected = brute_force(model, nn.CrossEntropyLoss(), x, y, "mean")
+        gv.backward(x, y)  # a per-example engine on a one-rank group: the local batch
+        for p, (grad, variance) in zip(model.parameters(), expected):
+            torch.testing.assert_close(p.grad_variance, variance)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_failed_call_restores_the_gradients_it_found():
+    model, x, y = mlp_problem()
+    torch.optim.SGD(model.parameters(), lr=0.1).zero_grad(set_to_none=False)  # zeros
+    zeros = [p.grad for p in model.parameters()]
+    x[0, 0] = float("nan")
+    gv = msvag_mb.GradientVariance(model, nn.CrossEntropyLoss(), engine="vmap")
+    with pytest.raises(FloatingPointError):
+        gv.backward(x, y)
+    assert all(p.grad is g for p, g in zip(model.parameters(), zeros))
+    assert not any(hasattr(p, "grad_variance") for p in model.parameters())
+
+
+class _CarriedCounter(nn.Module):
+    """Carries a state from call to call (the CarriesState protocol) and calls one Linear
+    twice: the extensions and BackPACK engines refuse it only while running it."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(3, 3)
+        self.calls = 0
+
+    def get_state(self):
+        return self.calls
+
+    def set_state(self, state):
+        self.calls = state
+
+    def forward(self, x):
+        self.calls += 1
+        return self.shared(torch.tanh(self.shared(x)))
+
+
+def test_auto_falls_back_when_an_engine_refuses_while_running():
+    torch.manual_seed(3)
+    model, x, y = _CarriedCounter(), torch.randn(5, 3), torch.randn(5, 3)
+    expected = brute_force(model, nn.MSELoss(), x, y, "mean")
+    model.calls = 0
+    gv = msvag_mb.GradientVariance(model, nn.MSELoss(), engine="auto")
+    assert gv.engine_name == "extensions"  # what it tries first
+    gv.backward(x, y)
+    assert gv.engine_name == "vmap"  # what computed the statistics
+    assert model.calls == 1  # the refused forward passes did not advance the state
+    for p, (grad, variance) in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, grad)
+        torch.testing.assert_close(p.grad_variance, variance)
+    gv.zero_grad()
+    with pytest.raises(UnsupportedModelError, match="called more than once"):
+        msvag_mb.GradientVariance(model, nn.MSELoss(), engine="extensions").backward(x, y)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_vmap_leaves_a_module_registered_twice_in_place():
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    held = [id(p) for p in model.parameters()]
+    x, y = torch.randn(5, 4), torch.randn(5, 4)
+    expected = brute_force(model, nn.MSELoss(), x, y, "mean")
+    msvag_mb.GradientVariance(model, nn.MSELoss(), engine="vmap").backward(x, y)
+    assert [id(p) for p in model.parameters()] == held
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+    for p, (grad, variance) in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, grad)
+        torch.testing.assert_close(p.grad_variance, variance)

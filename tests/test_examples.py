@@ -1,6 +1,7 @@
-"""Smoke tests: each example of examples/ runs with --quick and writes what it promises.
+"""Smoke tests: each example of examples/ runs with --quick and writes what it promises
+(docs/index.md says every example takes --quick).
 
-(examples/paper_theory.py is tested by its own test module.)
+(The maths behind examples/paper_theory.py is tested by tests/test_paper_theory.py.)
 """
 
 from __future__ import annotations
@@ -67,3 +68,12 @@ def test_monitoring(tmp_path):
         assert all(0.0 <= r["gamma_q05"] <= r["gamma_q95"] <= 1.0 for r in records)
         assert_png(tmp_path / "out" / f"monitor_{variance}.png")
     assert (tmp_path / "out" / "tensorboard").exists() == tensorboard
+
+
+def test_paper_theory(tmp_path):
+    out = run_example("paper_theory.py", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    for part in ("Fig. 3:", "p_diag, d=100", "sQP", "Lemma 2"):
+        assert part in out
+    for name in ("fig3_sign_vs_variance_factor", "pdiag_random_rotations", "sqp_ssd_vs_sgd",
+                 "lemma2_wilson"):
+        assert_png(tmp_path / "out" / f"{name}.png")

@@ -13,9 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from msvag_mb.engines.base import UnsupportedModelError
+from msvag_mb.model_checks import UnsupportedModelError
 from msvag_mb.engines.extensions_engine import ExtensionsEngine
 from msvag_mb.engines.vmap_engine import VmapEngine
+from msvag_mb.extensions import EXTENSIONS
 from msvag_mb.extensions import conv as conv_extension
 from msvag_mb.problems.models import CharRNN, SequenceCrossEntropy
 
@@ -58,7 +59,7 @@ def assert_matches_brute_force(model, loss_fn, x, y, reduction="mean", before_ba
         torch.testing.assert_close(stats.grad, grad, rtol=RTOL, atol=ATOL, msg=names[p])
         torch.testing.assert_close(stats.sum_grad_squared, sum_sq, rtol=RTOL, atol=ATOL,
                                    msg=names[p])
-    assert result.batch_size == x.shape[0]
+    assert result.units == x.shape[0]
     return result
 
 
@@ -135,7 +136,6 @@ def test_conv(dims, config, monkeypatch):
                             taken.append(_path) or _original(*args))
     for threshold, path in ((0, "_per_example_by_grouped_conv"),
                             (10**9, "_per_example_by_unfold")):
-        monkeypatch.setattr(conv_extension, "GROUPED_MIN_LOCATIONS", threshold)
         monkeypatch.setattr(conv_extension, "GROUPED_MIN_PATCH", threshold)
         taken.clear()
         result = compute(model, loss_fn, x, y)
@@ -290,6 +290,62 @@ def test_p4_char_rnn_with_carried_state():
                                before_example=example_state)
 
 
+# -- every registered layer type -------------------------------------------------------
+
+class FirstOutput(nn.Module):
+    """``module(x)[0]``: the output sequence of a recurrent layer."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)[0]
+
+
+def _eval_batchnorm(module: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    with torch.no_grad():  # non-trivial running statistics
+        module.running_mean.uniform_(-1.0, 1.0)
+        module.running_var.uniform_(0.5, 2.0)
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.uniform_(-0.5, 0.5)
+    return nn.Sequential(module).eval()
+
+
+#: a small instance of each layer type in :data:`msvag_mb.extensions.EXTENSIONS`, alone in
+#: a model, and a batch of its inputs: ``type -> () -> (model, inputs)``
+REGISTERED_LAYER_FACTORIES = {
+    nn.Linear: lambda: (nn.Sequential(nn.Linear(4, 3)), torch.randn(5, 4)),
+    nn.Conv1d: lambda: (nn.Sequential(nn.Conv1d(2, 3, 3, padding=1)), torch.randn(5, 2, 6)),
+    nn.Conv2d: lambda: (nn.Sequential(nn.Conv2d(2, 3, 3, stride=2)), torch.randn(5, 2, 7, 7)),
+    nn.Embedding: lambda: (nn.Sequential(nn.Embedding(6, 3)), torch.randint(0, 6, (5, 4))),
+    nn.LSTM: lambda: (FirstOutput(nn.LSTM(3, 4, num_layers=2, batch_first=True)),
+                      torch.randn(5, 6, 3)),
+    nn.BatchNorm1d: lambda: (_eval_batchnorm(nn.BatchNorm1d(3)), torch.randn(5, 3, 4)),
+    nn.BatchNorm2d: lambda: (_eval_batchnorm(nn.BatchNorm2d(3)), torch.randn(5, 3, 4, 4)),
+    nn.BatchNorm3d: lambda: (_eval_batchnorm(nn.BatchNorm3d(2)), torch.randn(5, 2, 3, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("layer_type", sorted(EXTENSIONS, key=lambda t: t.__name__),
+                         ids=lambda t: t.__name__)
+def test_every_registered_layer_type_matches_brute_force(layer_type):
+    """Loops over the extensions' registry: a newly registered layer type is tested here
+    (against one backward per example, float64) as soon as it has a factory above, and
+    fails until it has one."""
+    factory = REGISTERED_LAYER_FACTORIES.get(layer_type)
+    assert factory is not None, (
+        f"{layer_type.__name__} has an extension but no factory in "
+        "REGISTERED_LAYER_FACTORIES (tests/test_extensions.py): add a small instance")
+    torch.manual_seed(10)
+    model, x = factory()
+    layers = [m for m in model.modules() if type(m) is layer_type]
+    assert layers, f"the factory of {layer_type.__name__} builds no such layer"
+    y = torch.randn_like(model(x))
+    result = assert_matches_brute_force(model, nn.MSELoss(), x, y)
+    assert set(result.statistics) == set(model.parameters())
+
+
 # -- losses that do not split into per-example means -----------------------------------
 
 def test_class_weights_and_ignore_index_match_vmap_exact_path():
@@ -415,12 +471,31 @@ def test_runtime_refusals(model_type, message):
     assert_no_hooks(model)
 
 
+class CopiedTokensCharModel(StatefulCharModel):
+    """Sequence-first, but the embedding gets a *copy* of the transposed tokens: integer
+    tensors need no gradient, so the copy cannot be traced back to the model's input."""
+
+    def forward(self, tokens):
+        out, _ = self.lstm(self.embedding(tokens.t().contiguous()), self.state)
+        return self.decoder(out).transpose(0, 1)
+
+
 def test_ambiguous_batch_axis_with_sequence_first_lstm_is_refused():
-    model = StatefulCharModel(1, batch_first=False)
+    model = CopiedTokensCharModel(1, batch_first=False)
     x = torch.randint(0, 7, (5, 5))  # B == T: (T, B) and (B, T) look alike
     with pytest.raises(UnsupportedModelError, match="batch axis is ambiguous"):
         ExtensionsEngine().compute(model, sequence_loss("mean"), x, x,
                                    list(model.parameters()))
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_sequence_first_with_as_many_steps_as_examples_is_exact(num_layers):
+    """B == T: the batch axis is traced (the embedding gets a view of the input, tokens.t(),
+    the LSTM declares its layout, the decoder gets the LSTM's output), not guessed."""
+    torch.manual_seed(11)
+    model = StatefulCharModel(num_layers, batch_first=False)
+    x, y = torch.randint(0, 7, (5, 5)), torch.randint(0, 7, (5, 5))
+    assert_matches_brute_force(model, sequence_loss("mean"), x, y)
 
 
 # -- no state left behind --------------------------------------------------------------
@@ -479,3 +554,41 @@ def test_parameter_without_gradient_is_omitted():
     result = ExtensionsEngine().compute(model, nn.MSELoss(), torch.randn(4, 3),
                                         torch.randn(4, 2), list(model.parameters()))
     assert set(result.statistics) == {model.used.weight, model.used.bias}
+
+
+# -- where the examples are -------------------------------------------------------------
+
+def _traced_axis(make):
+    """The batch axis ExampleLayouts gives the tensor ``make(x, lin)`` (B == T == 4)."""
+    from msvag_mb.extensions.layout import ExampleLayouts
+
+    x, lin = torch.randn(4, 4, 3), nn.Linear(3, 4)
+    layouts = ExampleLayouts(4, (x,))
+    hidden = lin(x)
+    layouts.register(hidden, 0)  # as the Linear's extension does
+    tensor = make(x, hidden)
+    return layouts.batch_axis(tensor, "layer", "Linear", range(tensor.dim() - 1))
+
+
+@pytest.mark.parametrize("make, axis", [
+    (lambda x, h: x, 0),
+    (lambda x, h: x.transpose(0, 1), 1),  # a view of the input: its strides
+    (lambda x, h: x.permute(1, 0, 2)[..., :], 1),
+    (lambda x, h: torch.tanh(h).transpose(0, 1) * 2, 1),  # through the autograd graph
+    (lambda x, h: h.flatten(0, 1).view(4, 4, 4).transpose(1, 0), 1),  # merged, then apart
+    (lambda x, h: torch.cat([h, torch.relu(h)], dim=2).transpose(0, 1).sum(2, keepdim=True)
+     .expand(4, 4, 4), 1),
+])
+def test_batch_axis_is_traced_not_guessed(make, axis):
+    assert _traced_axis(make) == axis
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda x, h: x.transpose(0, 1).contiguous(), "batch axis is ambiguous"),  # a copy
+    (lambda x, h: h.flatten(0, 1), r"no batch axis of size 4 of its own"),
+    (lambda x, h: h + h.transpose(0, 1), "combines tensors whose examples lie along"),
+    (lambda x, h: h.transpose(0, 2)[:, :, :], r"examples along dim 2"),  # the features' dim
+])
+def test_a_batch_axis_that_cannot_be_known_is_refused(make, message):
+    with pytest.raises(UnsupportedModelError, match=message):
+        _traced_axis(make)

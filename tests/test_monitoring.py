@@ -238,3 +238,74 @@ def test_large_layers_are_subsampled_for_quantiles():
     assert sum(record["gamma_hist"]) == 5000  # the histogram uses every element
     assert record["gamma_q50"] == pytest.approx(0.5, abs=0.06)
     assert record["gradient_variance_mean"] is None
+
+
+class CentredMovingAverage(msvag_mb.VarianceEstimator):
+    """A user-written estimator: a moving average of (g_t - m_t)^2, bias-corrected, times
+    rho(beta, t) for the variance of m_t. Only its formulas are written; the monitor asks
+    them through the read-only estimate()."""
+
+    name = "centred_moving_average"
+
+    def init_state(self, param):
+        return {"centred_sq": torch.zeros_like(param)}
+
+    def coefficients(self, step, beta, target):
+        scale = msvag_mb.rho(beta, step) if target == "mean" else 1.0
+        return {"beta": beta, "one_minus_beta": 1.0 - beta,
+                "scale": scale / (1.0 - beta ** (step + 1))}
+
+    def advance(self, ops, state, moments, batch_variance, coefficients):
+        centred = ops.add(moments.grad, moments.mean, -1.0)
+        ops.addcmul_(ops.mul_(state["centred_sq"], coefficients["beta"]), centred, centred,
+                     coefficients["one_minus_beta"])
+
+    def variance(self, ops, state, moments, batch_variance, coefficients, target):
+        return ops.mul(state["centred_sq"], coefficients["scale"])
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_a_user_written_estimator_is_monitored(name):
+    """The monitor accepts it, and its gamma is the factor the optimizer applied."""
+    checked = []
+
+    def on_step(opt, model, before):
+        for param, theta_before in zip(model.parameters(), before):
+            statistics = direction_statistics(opt, param)
+            m, delta = statistics.mean, theta_before - param.detach()
+            direction = param.grad if name == "svag" else m
+            moving = (m.abs() > 1e-6) & (direction.abs() > 1e-6)
+            if name == "adamstar":
+                applied = (delta / (LR * m)) ** 2 * m * m
+            else:
+                applied = delta / (LR * direction)
+            torch.testing.assert_close(statistics.gamma[moving], applied[moving],
+                                       rtol=1e-6, atol=1e-8)
+            checked.append(int(moving.sum()))
+
+    estimator = CentredMovingAverage()
+    _, opt, monitor = train(name, estimator, steps=4, monitor_kwargs=dict(every=1),
+                            on_step=on_step)
+    assert is_supported(opt) and sum(checked) > 100
+    assert {r["estimator"] for r in monitor.records} == {"centred_moving_average"}
+    assert all(r["gamma_mean"] is not None for r in monitor.records)
+
+
+class UpdateOnly(msvag_mb.VarianceEstimator):
+    """An estimator in the older form (update() only): it cannot estimate without
+    advancing, so the monitor refuses it, naming the form it needs."""
+
+    name = "update_only"
+
+    def init_state(self, param):
+        return {}
+
+    def update(self, state, moments, batch_variance, step, beta, target):
+        return torch.zeros_like(moments.mean)
+
+
+def test_an_update_only_estimator_is_refused_by_name():
+    opt = msvag_mb.MSVAG([nn.Parameter(torch.zeros(3))], lr=0.1, variance=UpdateOnly())
+    assert not is_supported(opt)
+    with pytest.raises(TypeError, match=r"advance\(\) and variance\(\)"):
+        VarianceMonitor(opt)

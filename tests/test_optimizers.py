@@ -1,4 +1,4 @@
-"""The optimizers against the plain float64 transcription of ALGORITHMS.md, and the
+"""The optimizers against the plain float64 transcription of docs/maths.md, and the
 behaviour PyTorch users expect from a torch.optim optimizer."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import msvag_mb
+from msvag_mb.param_variance import set_grad_variance
 from msvag_mb.reference import run_reference
 
 ADAPTIVE = {"msvag": msvag_mb.MSVAG, "svag": msvag_mb.SVAG, "adamstar": msvag_mb.AdamStar}
@@ -48,7 +49,7 @@ def run_optimizer(name, variance, theta0, gradients, batch_variances, foreach,
         opt.zero_grad()
         param.grad = torch.tensor(g, dtype=dtype)
         if variance == "minibatch":
-            msvag_mb.optimizers.set_grad_variance(param, torch.tensor(s, dtype=dtype))
+            set_grad_variance(param, torch.tensor(s, dtype=dtype))
         opt.step()
         iterates.append(param.detach().to(torch.float64).numpy().copy())
     return iterates
@@ -90,7 +91,7 @@ def test_foreach_equals_single_tensor_with_many_parameters(name, variance):
                     continue  # never gets a gradient: must be skipped, state not created
                 p.grad = torch.randn(p.shape, generator=generator)
                 if variance == "minibatch":
-                    msvag_mb.optimizers.set_grad_variance(
+                    set_grad_variance(
                         p, torch.rand(p.shape, generator=generator))
             opt.step()
         runs[foreach] = (params, opt)
@@ -178,7 +179,7 @@ def test_low_precision_parameters_follow_the_reference(name, variance, dtype):
         opt = make_optimizer(name, [param], variance, lr=0.01, **path)
         param.grad = torch.ones(2, dtype=dtype)
         if variance == "minibatch":
-            msvag_mb.optimizers.set_grad_variance(param, torch.ones(2, dtype=dtype))
+            set_grad_variance(param, torch.ones(2, dtype=dtype))
         opt.step()
         assert all(v.dtype == dtype for v in opt.state[param].values()
                    if isinstance(v, torch.Tensor))
@@ -279,7 +280,7 @@ class HalfVariance(msvag_mb.VarianceEstimator):
     def init_state(self, param):
         return {}
 
-    def update(self, state, moments, batch_variance, step, beta, of):
+    def update(self, state, moments, batch_variance, step, beta, target):
         return batch_variance / 2
 
 
@@ -288,7 +289,7 @@ def test_custom_estimator_plugs_in(foreach):
     param = nn.Parameter(torch.zeros(3))
     opt = msvag_mb.MSVAG([param], lr=1.0, beta=0.0, variance=HalfVariance(), foreach=foreach)
     param.grad = torch.tensor([1.0, 2.0, -1.0])
-    msvag_mb.optimizers.set_grad_variance(param, torch.tensor([2.0, 0.0, 6.0]))
+    set_grad_variance(param, torch.tensor([2.0, 0.0, 6.0]))
     opt.step()
     g = torch.tensor([1.0, 2.0, -1.0])
     expected = -g * g**2 / (g**2 + torch.tensor([1.0, 0.0, 3.0]))
@@ -302,6 +303,113 @@ def test_fused_refuses_what_it_cannot_fuse():
     with pytest.raises(ValueError, match="exclusive"):
         msvag_mb.MSVAG(p, lr=0.1, fused=True, foreach=True)
 
+
+class DampedBatchVariance(msvag_mb.VarianceEstimator):
+    """A user-written estimator in the element-wise form: a plain (linear-weight) moving
+    average of s_hat, bias-corrected, times ``factor`` when the variance of m_t is asked.
+
+    Written once against ``ops``; nothing else is needed for the per-tensor, foreach and
+    fused paths and the monitor."""
+
+    name = "damped_batch"
+    requires_batch_variance = True
+
+    def __init__(self, factor=0.5):
+        self.factor = factor
+
+    def init_state(self, param):
+        return {"s_avg": torch.zeros_like(param)}
+
+    def coefficients(self, step, beta, target):
+        scale = self.factor if target == "mean" else 1.0
+        return {"beta": beta, "one_minus_beta": 1.0 - beta,
+                "scale": scale / (1.0 - beta ** (step + 1))}
+
+    def advance(self, ops, state, moments, batch_variance, coefficients):
+        s_avg = ops.mul_(state["s_avg"], coefficients["beta"])
+        ops.add_(s_avg, batch_variance, coefficients["one_minus_beta"])
+
+    def variance(self, ops, state, moments, batch_variance, coefficients, target):
+        return ops.mul(state["s_avg"], coefficients["scale"])
+
+
+def damped_reference(name, theta0, gradients, batch_variances, lr, beta, factor,
+                     weight_decay):
+    """The float64 NumPy transcription of DampedBatchVariance inside each member."""
+    theta = np.array(theta0, dtype=np.float64)
+    m_tilde, s_tilde, iterates = np.zeros_like(theta), np.zeros_like(theta), []
+    for t, (g, s_hat) in enumerate(zip(gradients, batch_variances)):
+        g = g + weight_decay * theta
+        m_tilde = beta * m_tilde + (1 - beta) * g
+        s_tilde = beta * s_tilde + (1 - beta) * s_hat
+        m = m_tilde / (1 - beta ** (t + 1))
+        variance = (factor if name != "svag" else 1.0) * s_tilde / (1 - beta ** (t + 1))
+        denominator = np.maximum(m * m + variance, np.finfo(np.float64).tiny)
+        direction = {"msvag": m * m / denominator * m, "svag": m * m / denominator * g,
+                     "adamstar": m / np.sqrt(denominator)}[name]
+        theta = theta - lr * direction
+        iterates.append(theta.copy())
+    return iterates
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("name", sorted(ADAPTIVE))
+def test_user_written_estimator_runs_identically_on_every_path(name, weight_decay):
+    gradients, batch_variances = prescribed_sequence()
+    theta0 = np.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    kwargs = dict(lr=0.1, beta=0.9, weight_decay=weight_decay)
+    expected = damped_reference(name, theta0, gradients, batch_variances, factor=0.3,
+                                **kwargs)
+    runs = {}
+    for path in (dict(foreach=False), dict(foreach=True), dict(fused=True)):
+        param = nn.Parameter(torch.tensor(theta0))
+        opt = ADAPTIVE[name]([param], variance=DampedBatchVariance(0.3), **path, **kwargs)
+        iterates = []
+        for g, s in zip(gradients, batch_variances):
+            opt.zero_grad()
+            param.grad = torch.tensor(g)
+            set_grad_variance(param, torch.tensor(s))
+            opt.step()
+            iterates.append(param.detach().numpy().copy())
+        runs[next(iter(path.items()))] = (iterates, opt.state[param]["s_avg"].clone())
+        for t, (a, e) in enumerate(zip(iterates, expected)):
+            np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12, err_msg=f"{path} step {t}")
+    single, multi = runs[("foreach", False)], runs[("foreach", True)]
+    for a, b in zip(single[0], multi[0]):
+        np.testing.assert_array_equal(a, b)  # the same ops in the same order
+    torch.testing.assert_close(single[1], multi[1], rtol=0, atol=0)
+    torch.testing.assert_close(single[1], runs[("fused", True)][1], rtol=1e-12, atol=1e-14)
+
+
+def test_fused_kernel_reads_each_instance_s_coefficients():
+    """Two instances of one estimator class share a compiled kernel but not their numbers."""
+    finals = []
+    for factor in (0.0, 4.0, 0.0):
+        param = nn.Parameter(torch.ones(5, dtype=torch.float64))
+        opt = msvag_mb.MSVAG([param], lr=0.1, variance=DampedBatchVariance(factor), fused=True)
+        for _ in range(3):
+            param.grad = torch.full((5,), 0.5, dtype=torch.float64)
+            set_grad_variance(param, torch.ones(5, dtype=torch.float64))
+            opt.step()
+        finals.append(param.detach().clone())
+    torch.testing.assert_close(finals[0], torch.full((5,), 1.0 - 3 * 0.1 * 0.5,
+                                                     dtype=torch.float64))  # V = 0: M-SGD
+    assert bool((finals[1] > finals[0]).all())  # a large V shortens the step
+    torch.testing.assert_close(finals[2], finals[0], rtol=0, atol=0)
+
+
+def test_directions_and_estimators_have_their_maths_in_one_place():
+    """The optimizers hold a Direction; the fused module writes no formula of its own."""
+    import inspect
+
+    from msvag_mb import directions, fused
+
+    for cls in (msvag_mb.MSGD, msvag_mb.MSSD, *ADAPTIVE.values()):
+        assert isinstance(cls.direction, directions.Direction)
+        assert cls.variance_target == cls.direction.target
+    source = inspect.getsource(fused)
+    for name in ("moving_average", "minibatch", "gamma_mean", "adam_star", "sign("):
+        assert name not in source, name
 
 def test_invalid_arguments_are_refused_with_the_valid_range():
     p = [nn.Parameter(torch.zeros(1))]
@@ -362,6 +470,6 @@ def test_zero_grad_clears_grad_variance():
     param = nn.Parameter(torch.zeros(3))
     opt = msvag_mb.MSVAG([param], lr=0.1, variance="minibatch")
     param.grad = torch.ones(3)
-    msvag_mb.optimizers.set_grad_variance(param, torch.ones(3))
+    set_grad_variance(param, torch.ones(3))
     opt.zero_grad()
     assert param.grad is None and not hasattr(param, "grad_variance")

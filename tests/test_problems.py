@@ -12,8 +12,8 @@ from torch import nn
 from msvag_mb import GhostBatchEngine
 from msvag_mb.problems import PROBLEMS, get_problem, l2_penalty, parameter_groups
 from msvag_mb.problems.data import load_pydoc_text, synthetic_images, synthetic_text
-from msvag_mb.problems.models import CharRNN, count_parameters
-from msvag_mb.training import TrainConfig, build_model, make_gradient_variance, train
+from msvag_mb.problems.models import CarriesState, CharRNN, count_parameters
+from msvag_mb.runner import TrainConfig, build_model, make_gradient_variance, train
 
 PAPER_COUNTS = {
     "fmnist_2c2d": 3_274_634,
@@ -47,7 +47,8 @@ def test_pydoc_char_rnn_is_the_p4_model_with_its_vocabulary():
 
 
 def test_every_problem_is_tested():
-    assert set(PROBLEMS) == set(PAPER_COUNTS) | {"pydoc_char_rnn"}
+    # the transformer's count is asserted in tests/test_transformer_problem.py
+    assert set(PROBLEMS) == set(PAPER_COUNTS) | {"pydoc_char_rnn", "tolstoi_char_transformer"}
 
 
 def test_output_shapes():
@@ -56,7 +57,7 @@ def test_output_shapes():
     for name, shape in shapes.items():
         model = get_problem(name).build_model().eval()
         with torch.no_grad():
-            assert model(torch.rand(2, *shape)).shape == (2, get_problem(name).default_outputs())
+            assert model(torch.rand(2, *shape)).shape == (2, get_problem(name).num_outputs)
     rnn = get_problem("tolstoi_char_rnn").build_model()
     assert rnn(torch.randint(83, (3, 7))).shape == (3, 7, 83)
 
@@ -103,13 +104,20 @@ def test_char_rnn_carries_its_state_and_forget_bias():
         model(torch.randint(83, (3, 4)))
 
 
+def test_only_the_char_model_carries_state():
+    carrying = {name for name, problem in PROBLEMS.items()
+                if isinstance(problem.build_model(), CarriesState)}
+    assert carrying == {"tolstoi_char_rnn", "pydoc_char_rnn"}
+    assert not isinstance(nn.Linear(2, 2), CarriesState)
+
+
 def _small_data(name: str):
     """Tiny synthetic data of the problem's shapes (fast)."""
     problem = get_problem(name)
     if problem.kind == "text":
         return synthetic_text(83, 8 * 50 * 3 + 1, 8 * 50 + 1, seed=0)
     shape = {"fmnist_2c2d": (1, 28, 28), "digits": (1, 8, 8)}.get(name, (3, 32, 32))
-    return synthetic_images(shape, problem.default_outputs(), 24, 8, seed=0)
+    return synthetic_images(shape, problem.num_outputs, 24, 8, seed=0)
 
 
 def _three_steps(tmp_path, name, optimizer, variance, **overrides):
@@ -164,7 +172,7 @@ def test_engine_choice_for_batchnorm_and_plain_models():
 
 def test_estimators_are_wired(tmp_path):
     """After one step, M-SVAG with moving averages equals M-SGD (s = 0 at t = 0, gamma = 1),
-    while the mini-batch estimate already adapts the first step (ALGORITHMS.md)."""
+    while the mini-batch estimate already adapts the first step (docs/maths.md)."""
     params = {}
     for optimizer, variance in [("msgd", None), ("msvag", "moving_average"),
                                 ("msvag", "minibatch")]:

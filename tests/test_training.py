@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from msvag_mb.cli import default_lr_max, plot_main, step_size_grid, train_main, tune_main
+from msvag_mb.cli import plot_main, train_main, tune_main
 from msvag_mb.plotting import RunGroup, best_step_sizes, collect_groups
 from msvag_mb.problems import get_problem
 from msvag_mb.problems.data import synthetic_text
-from msvag_mb.training import TrainConfig, load_run, train
+from msvag_mb.runner import (
+    RunFileError,
+    TrainConfig,
+    default_lr_max,
+    load_run,
+    step_size_grid,
+    train,
+)
 
 
 def _vector(model) -> torch.Tensor:
@@ -191,7 +206,7 @@ def test_run_group_mean_and_std():
 
 
 def test_ctrl_c_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    from msvag_mb import training
+    from msvag_mb.runner import loop as training  # where the loop looks step_seed up
 
     config = _digits_config(steps=12, eval_every=5)
     full = train(config, tmp_path / "full", progress=False)
@@ -258,7 +273,7 @@ def test_monitor_refuses_optimizer_without_adaptation(tmp_path, capsys, flag):
 
 @pytest.mark.parametrize("engine", ["ghost_batch", "auto"])
 def test_ghost_batches_are_refused_on_several_processes(engine):
-    from msvag_mb.training import make_gradient_variance
+    from msvag_mb.runner import make_gradient_variance
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4),
                                 torch.nn.Linear(4, 2))  # train-mode BatchNorm: ghost batches
@@ -266,3 +281,272 @@ def test_ghost_batches_are_refused_on_several_processes(engine):
                          world_size=2).resolved()
     with pytest.raises(ValueError, match="one process only"):
         make_gradient_variance(config, get_problem("digits"), model, torch.nn.CrossEntropyLoss())
+
+
+# -- the option lists come from the registries ------------------------------------------------
+def test_engine_choices_are_auto_and_the_registered_engines_for_one_process(capsys):
+    import re
+
+    from msvag_mb.engines import ENGINES
+
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    listed = re.search(r"--engine \{([^}]*)\}", capsys.readouterr().out).group(1).split(",")
+    offered = {name for name, cls in ENGINES.items() if not cls.needs_distributed}
+    assert sorted(listed) == sorted({"auto"} | offered)
+    assert "rank_spread" not in listed and "ghost_batch" in listed
+
+
+def test_which_optimizers_adapt_is_what_their_classes_declare():
+    from msvag_mb.runner import OPTIMIZERS, adapts_to_variance
+
+    adapting = {name for name in OPTIMIZERS if adapts_to_variance(name)}
+    assert adapting == {"msvag", "svag", "adamstar"}
+
+
+# -- issue 12: nothing lost, nothing half-done -------------------------------------------------
+def _cli(*args: str, **popen) -> subprocess.Popen:
+    """``python -m msvag_mb.cli ARGS`` (msvag-train) in a subprocess, one thread."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="0")
+    return subprocess.Popen([sys.executable, "-m", "msvag_mb.cli", *args, "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, **popen)
+
+
+def _checkpoint(run_dir) -> dict:
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)
+
+
+def test_sigint_at_a_random_moment_saves_that_step_and_resume_equals_uninterrupted(tmp_path):
+    """A real SIGINT to msvag-train at a random moment of training: the step under way is
+    finished and checkpointed, the command to continue is printed, and continuing with it
+    gives the records and parameters of an uninterrupted run, bitwise."""
+    args = ["--problem", "digits", "--steps", "600", "--eval-every", "250", "--no-progress"]
+    full = _cli(*args, "--out", str(tmp_path / "full"))
+    cut = _cli(*args, "--out", str(tmp_path / "cut"))
+    run_dir = tmp_path / "cut" / "digits" / "msvag-ma__lr0.3__seed0"
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoint.pt").exists():  # the step-0 checkpoint: training began
+        assert cut.poll() is None and time.monotonic() < deadline, cut.communicate()
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 1.5))
+    cut.send_signal(signal.SIGINT)
+    out, err = cut.communicate(timeout=120)
+    assert cut.returncode == 130, out + err
+    assert "Traceback" not in err
+    stopped = int(re.search(r"stopped at step (\d+) of 600", err).group(1))
+    assert 0 <= stopped < 600 and _checkpoint(run_dir)["step"] == stopped
+    again = re.search(r"to continue: (.*)", err).group(1).split()
+    assert again[:3] == ["python", "-m", "msvag_mb.cli"] and again[-1] == "--resume"
+    resumed = subprocess.run([sys.executable, *again[1:]],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {stopped} of 600" in resumed.stdout
+    full.communicate(timeout=300)
+    assert full.returncode == 0
+    full_dir = tmp_path / "full" / "digits" / "msvag-ma__lr0.3__seed0"
+    assert load_run(run_dir)[1] == load_run(full_dir)[1]
+    expected = _checkpoint(full_dir)["model"]
+    assert all(torch.equal(t, expected[k]) for k, t in _checkpoint(run_dir)["model"].items())
+
+
+def test_compare_honours_its_options_and_never_overwrites_a_run(tmp_path, capsys):
+    out = str(tmp_path)
+    quick = ["--steps", "4", "--eval-every", "2", "--out", out, "--no-progress"]
+    assert train_main(["--beta", "0.5", *quick]) == 0  # M-SVAG (moving avg.), beta 0.5
+    other = tmp_path / "digits" / "msvag-ma__lr0.3__seed0"
+    kept = (other / "metrics.jsonl").read_bytes()
+    assert train_main(["--compare", *quick]) == 0
+    assert (other / "metrics.jsonl").read_bytes() == kept  # the beta-0.5 run is untouched
+    assert load_run(other)[0].beta == 0.5
+    beside = tmp_path / "digits" / "msvag-ma__lr0.3__seed0__steps4__eval2"
+    assert load_run(beside)[0].beta == 0.9
+    printed = capsys.readouterr().out
+    assert "msvag-train: the comparison of M-SGD" in printed
+    for number, method in enumerate(["M-SGD", "M-SVAG (moving avg.)", "M-SVAG (mini-batch)",
+                                     "ADAM"], 1):
+        assert f"== {number}/4: {method}, lr" in printed  # each method's block is labelled
+    # every option reaches every method: --lr and --beta too
+    assert train_main(["--compare", "--lr", "0.05", "--beta", "0.8", *quick]) == 0
+    configs = [load_run(path.parent)[0] for path in (tmp_path / "digits").rglob("config.json")]
+    chosen = [c for c in configs if c.lr == 0.05]
+    assert sorted(c.label for c in chosen) == ["adam", "msgd", "msvag-ma", "msvag-mb"]
+    assert {c.beta for c in chosen} == {0.8}
+    # run again: the finished runs are reused, not trained again
+    capsys.readouterr()
+    assert train_main(["--compare", *quick]) == 0
+    assert capsys.readouterr().out.count("finished already") == 4
+    with pytest.raises(SystemExit):
+        train_main(["--compare", "--optimizer", "msgd", *quick])
+    assert "drop --optimizer" in capsys.readouterr().err
+
+
+def test_runs_that_differ_in_any_setting_get_their_own_folders(tmp_path):
+    first = train(_digits_config(steps=4, eval_every=2), tmp_path, progress=False)
+    others = [train(_digits_config(**dict(dict(steps=4, eval_every=2), **change)), tmp_path,
+                    progress=False, overwrite=True)  # overwrite: of the same config only
+              for change in ({"batch_size": 16}, {"beta": 0.5}, {"steps": 6})]
+    assert first.run_dir.name == "msvag-mb__lr0.3__seed0"  # the plain name stays loadable
+    folders = {first.run_dir, *(result.run_dir for result in others)}
+    assert len(folders) == 4
+    assert load_run(first.run_dir)[1] == first.records  # not overwritten
+    assert others[0].run_dir.name == "msvag-mb__lr0.3__seed0__bs16__steps4__eval2"
+    # each resumes under its own arguments
+    assert train(_digits_config(steps=4, eval_every=2, beta=0.5), tmp_path, progress=False,
+                 resume=True).run_dir == others[1].run_dir
+
+
+def test_a_record_line_cut_short_is_dropped_on_resume(tmp_path):
+    config = _digits_config()
+    full = train(config, tmp_path / "full", progress=False, monitor=3)
+    part = train(config, tmp_path / "cut", progress=False, monitor=3, stop_after=15)
+    for name in ("metrics.jsonl", "monitor.jsonl"):  # a kill (or a full disk) mid-line
+        with open(part.run_dir / name, "a") as handle:
+            handle.write('{"step": 20, "epoch": 0.5, "lr": 0.3, "train_lo')
+    with pytest.warns(UserWarning, match="metrics.jsonl: dropped line"):
+        assert load_run(part.run_dir)[1] == part.records  # msvag-plot reads it too
+    with pytest.warns(UserWarning, match="dropped line"):
+        resumed = train(config, tmp_path / "cut", progress=False, monitor=3, resume=True)
+    assert resumed.records == full.records
+    assert load_run(resumed.run_dir)[1] == full.records
+    assert (resumed.run_dir / "monitor.jsonl").read_text() == \
+        (full.run_dir / "monitor.jsonl").read_text()
+    # a damaged line that is not the last: an error naming the file and the line
+    lines = (resumed.run_dir / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:20]
+    (resumed.run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(RunFileError, match=r"metrics.jsonl, line 2, is not a JSON record"):
+        load_run(resumed.run_dir)
+
+
+def test_records_are_standard_json(tmp_path):
+    from msvag_mb.runner.files import append_record, read_records
+
+    path = tmp_path / "metrics.jsonl"
+    append_record(path, {"step": 0, "test_loss": math.inf, "train_loss": -math.inf,
+                         "l2_penalty": math.nan, "engine": "vmap"})
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON: {token}")
+    line = path.read_text()
+    json.loads(line, parse_constant=refuse)  # no Infinity, no NaN
+    (record,) = read_records(path)
+    assert record["test_loss"] == math.inf and record["train_loss"] == -math.inf
+    assert math.isnan(record["l2_penalty"]) and record["engine"] == "vmap"
+
+
+def test_resume_from_a_step_0_checkpoint_records_step_0_once(tmp_path):
+    config = _digits_config()
+    full = train(config, tmp_path / "full", progress=False)
+    assert not train(config, tmp_path / "cut", progress=False, stop_after=0).completed
+    resumed = train(config, tmp_path / "cut", progress=False, resume=True)
+    assert [r["step"] for r in resumed.records] == [0, 10, 20, 30]
+    assert resumed.records == full.records
+
+
+def test_damaged_checkpoint_full_disk_and_unwritable_out_say_one_line(tmp_path, capsys):
+    args = ["--problem", "digits", "--steps", "20", "--eval-every", "10", "--no-progress"]
+    run_dir = tmp_path / "runs" / "digits" / "msvag-ma__lr0.3__seed0"
+    assert train_main([*args, "--out", str(tmp_path / "runs")]) == 0
+    data = (run_dir / "checkpoint.pt").read_bytes()
+    (run_dir / "checkpoint.pt").write_bytes(data[:len(data) // 2])  # truncated
+    assert train_main([*args, "--out", str(tmp_path / "runs"), "--resume"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert str(run_dir / "checkpoint.pt") in error and "--overwrite" in error
+    # a full disk (here: a file size limit) while the checkpoint is written
+    def full_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+    full = _cli(*args, "--out", str(tmp_path / "full"), preexec_fn=full_disk)
+    _, err = full.communicate(timeout=300)
+    assert full.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "could not write" in err and "checkpoint.pt" in err and "--resume" in err
+    assert not list((tmp_path / "full").rglob("*.tmp"))
+    # an --out that cannot be written (here: below a file): before training
+    (tmp_path / "file").write_text("")
+    assert train_main([*args, "--out", str(tmp_path / "file" / "runs")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--out" in error and "config.json" in error
+
+
+def test_sizes_are_checked_by_name_and_a_refused_run_leaves_no_folder(tmp_path, capsys):
+    out = ["--out", str(tmp_path), "--no-progress"]
+    for option, value in (("--batch-size", "0"), ("--eval-every", "0"), ("--steps", "0")):
+        assert train_main(["--problem", "digits", option, value, *out]) == 2
+        assert f"Invalid {option} {value}" in capsys.readouterr().err
+    assert train_main(["--problem", "digits", "--batch-size", "5000", *out]) == 2
+    assert "batch size 5000" in capsys.readouterr().err
+    assert not (tmp_path / "digits").exists()
+
+
+def test_a_config_mismatch_names_the_field_that_differs(tmp_path):
+    config = _digits_config(steps=2, eval_every=1)
+    run = train(config, tmp_path, progress=False)
+    saved = json.loads((run.run_dir / "config.json").read_text())
+    (run.run_dir / "config.json").write_text(json.dumps(dict(saved, beta=0.5)))
+    with pytest.raises(ValueError, match="cannot resume") as info:
+        train(config, tmp_path, progress=False, resume=True)
+    assert "beta: 0.5 there, 0.9 here" in str(info.value)
+    assert "'problem'" not in str(info.value)  # not two whole dicts
+
+
+def test_plot_of_unfinished_runs_only_says_so(tmp_path, capsys):
+    train(_digits_config(steps=20), tmp_path, progress=False, stop_after=10)
+    assert plot_main([str(tmp_path)]) == 2
+    assert "--include-unfinished" in capsys.readouterr().err
+    assert plot_main([str(tmp_path), "--include-unfinished"]) == 0
+
+
+def test_tune_accepts_overwrite_and_warns_of_a_winner_at_the_grid_edge(tmp_path, capsys):
+    args = ["--problem", "digits", "--optimizer", "msgd", "--steps", "4", "--eval-every", "2",
+            "--lr-max", "1", "--grid-points", "2", "--seeds", "1", "--out", str(tmp_path),
+            "--no-progress"]
+    assert tune_main(args) == 0
+    assert "warning: the winner" in capsys.readouterr().out  # two points: always an edge
+    summary = json.loads((tmp_path / "digits" / "tune_msgd.json").read_text())
+    assert summary["warning"].startswith("the winner")
+    assert tune_main(args) == 0
+    assert "finished already (step 4); --overwrite trains it again" in capsys.readouterr().out
+    assert tune_main([*args, "--overwrite"]) == 0
+    assert "finished already" not in capsys.readouterr().out  # trained again
+    from msvag_mb.runner.tuning import edge_warning
+
+    assert "raise --lr-max" in edge_warning([1.0, 0.6, 0.3], 1.0)
+    assert "--grid-points" in edge_warning([1.0, 0.6, 0.3], 0.3)
+    assert edge_warning([1.0, 0.6, 0.3], 0.6) is None
+
+
+# -- friction a newcomer hit --------------------------------------------------------------------
+def test_lines_per_evaluation_without_a_bar_and_the_mode_is_said(tmp_path, capsys):
+    assert train_main(["--problem", "digits", "--steps", "20", "--eval-every", "10",
+                       "--out", str(tmp_path), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("msvag-train: one run, M-SVAG (moving avg.) on digits")
+    assert "--compare" in printed.splitlines()[0]
+    assert re.search(r"step +10 +train loss", printed) and re.search(r"step +20 ", printed)
+
+
+def test_plot_legend_covers_no_curve_and_a_cut_axis_is_marked(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from msvag_mb.plotting import _ORDER, plot_groups
+
+    groups = [RunGroup("digits", label, label, 0.1,
+                       [[{"step": 10 * k, "train_loss": 2.0 / (k + 1) + i / 100,
+                          "test_accuracy": 0.1 + 0.8 * k / (k + 2) + i / 100}
+                         for k in range(21)]])
+              for i, label in enumerate(_ORDER)]  # the 9-method plot
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_groups(groups, tmp_path / "figure.png")
+    (figure,) = figures
+    renderer = figure.canvas.get_renderer()
+    legends = [ax.get_legend() for ax in figure.axes if ax.get_legend() is not None]
+    assert legends
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in figure.axes)
+    accuracy_panel = figure.axes[1]
+    assert accuracy_panel.get_ylim()[0] > 0.1  # zoomed as Fig. 5, cutting the early values
+    assert any("early values below" in text.get_text() for text in accuracy_panel.texts)

@@ -1,4 +1,4 @@
-"""Statistical checks (ALGORITHMS.md, "What the tests must show", 3):
+"""Statistical checks (docs/maths.md, "What the tests check", unbiasedness):
 
 (a) E[s_hat] = var[gbar] over batches drawn with replacement at fixed theta;
 (b) E[(v - m^2) / (1 - rho(beta, t))] = sigma^2 for iid g_t, every t >= 1;
@@ -31,8 +31,7 @@ def agrees(samples: torch.Tensor, exact: float) -> bool:
 
 
 @pytest.mark.parametrize("engine", sorted(
-    n for n in ENGINES
-    if n != "ghost_batch" and not getattr(ENGINES[n], "units_are_ranks", False)))
+    n for n in ENGINES if ENGINES[n].units_are_examples and not ENGINES[n].needs_distributed))
 def test_within_batch_estimate_is_unbiased(engine):
     """(a) with a real engine on a fixed population of 40 examples, batches of 4."""
     torch.manual_seed(0)

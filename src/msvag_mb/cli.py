@@ -1,5 +1,8 @@
 """Command-line entry points: ``msvag-train``, ``msvag-tune``, ``msvag-plot``.
 
+Argument parsing only: each command turns its options into a call of :mod:`msvag_mb.runner`
+(or :mod:`msvag_mb.plotting`), prints what it returns and exits with a status.
+
 ``msvag-train`` with no arguments runs the built-in default: M-SVAG with both variance
 estimators against M-SGD and Adam on the ``digits`` problem (about a minute on two CPU
 cores), prints a table and writes ``runs/default/digits/comparison.png``.
@@ -12,45 +15,55 @@ same global batch; see ``docs/scaling_out.md``.
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from . import distributed
-from .plotting import best_step_sizes, collect_groups, plot_groups, plot_runs, results_table
-from .problems import PROBLEMS, DataNotFoundError, get_problem
-from .training import (
-    ENGINE_CHOICES,
+from .plotting import best_step_sizes, plot_path, results_table
+from .problems import PROBLEMS, DataNotFoundError
+from .runner import (
     OPTIMIZERS,
     VARIANCES,
-    RunResult,
+    RunFileError,
+    RunInterrupted,
     TrainConfig,
+    compare,
+    default_lr_max,
+    engine_choices,
+    plot_comparison,
+    step_size_grid,
     summarize,
     train,
+    tune,
+    write_summary,
 )
+from .runner.collectives import process_group_for
+from .runner.comparison import comparison_configs
 
-#: the no-argument run: the four methods of Fig. 5's comparison on the fast real problem
+#: the no-argument run: the comparison on the fast real problem
 DEFAULT_PROBLEM = "digits"
 DEFAULT_OUT = "runs/default"
-COMPARISON = [("msgd", None), ("msvag", "moving_average"), ("msvag", "minibatch"),
-              ("adam", None)]
+_REFUSALS = (DataNotFoundError, FileExistsError, ValueError, RunFileError)
+#: the defaults of the options that --compare refuses (None in the parser: "not given")
+_METHOD_DEFAULTS = {"optimizer": "msvag", "variance": "moving_average"}
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by msvag-train and msvag-tune."""
+    """Options of both msvag-train and msvag-tune."""
     parser.add_argument("--problem", default=DEFAULT_PROBLEM, choices=sorted(PROBLEMS),
                         help="test problem (default: %(default)s)")
-    parser.add_argument("--optimizer", default="msvag", choices=sorted(OPTIMIZERS),
-                        help="default: %(default)s")
-    parser.add_argument("--variance", default="moving_average", choices=VARIANCES,
+    parser.add_argument("--optimizer", default=None, choices=sorted(OPTIMIZERS),
+                        help=f"default: {_METHOD_DEFAULTS['optimizer']}")
+    parser.add_argument("--variance", default=None, choices=VARIANCES,
                         help="variance estimate of msvag/svag/adamstar: moving averages "
-                             "(Alg. 1) or within the mini-batch (Alg. 5) (default: %(default)s)")
-    parser.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
+                             "(Alg. 1) or within the mini-batch (Alg. 5) (default: "
+                             f"{_METHOD_DEFAULTS['variance']})")
+    parser.add_argument("--engine", default="auto", choices=engine_choices(),
                         help="per-example statistics engine for --variance minibatch; 'auto' "
                              "uses ghost batches for BatchNorm in train mode "
                              "(default: %(default)s)")
@@ -69,18 +82,20 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--data-dir", default=None,
-                        help="folder with the data files (default: search ~/data, ./data, "
-                             "/usr/share/datasets, ../shared/data)")
+                        help="folder with the data files (default: search the folders of "
+                             "$MSVAG_DATA_DIR, then ~/data, ./data, /usr/share/datasets)")
     parser.add_argument("--download", action="store_true",
                         help="download missing data files from their official sources")
     parser.add_argument("--data", default="real", choices=("real", "synthetic"),
                         help="'synthetic': random tensors of the problem's shapes (smoke runs)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (a line per evaluation is still printed)")
 
 
 def _config(args: argparse.Namespace, **overrides) -> TrainConfig:
     values = dict(
-        problem=args.problem, optimizer=args.optimizer, variance=args.variance,
+        problem=args.problem, optimizer=args.optimizer or _METHOD_DEFAULTS["optimizer"],
+        variance=args.variance or _METHOD_DEFAULTS["variance"],
         engine=args.engine, lr=getattr(args, "lr", None), beta=args.beta,
         batch_size=args.batch_size, steps=args.steps, eval_every=args.eval_every,
         weight_decay=args.weight_decay, ghost_groups=args.ghost_groups,
@@ -90,34 +105,53 @@ def _config(args: argparse.Namespace, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def _run(config: TrainConfig, args: argparse.Namespace, out: str, **kwargs) -> RunResult:
-    return train(config, out, data_dir=args.data_dir, download=args.download,
-                 device=args.device, progress=not args.no_progress,
-                 distributed=args.distributed, **kwargs)
+def _train_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`msvag_mb.runner.train` the options set."""
+    return dict(data_dir=args.data_dir, download=args.download, device=args.device,
+                progress=not args.no_progress, distributed=args.distributed, report=_say)
+
+
+def _say(line: str) -> None:
+    """A line on stdout, flushed (a pipe or a CI log shows it at once)."""
+    print(line, flush=True)
 
 
 def _in_process_group(args: argparse.Namespace,
                       command: Callable[[argparse.Namespace], int]) -> int:
     """Run ``command(args)`` with ``args.threads`` applied and ``args.distributed`` set to
-    torchrun's process group (a single-process context without torchrun), ended after."""
+    torchrun's process group (a single-process context without torchrun), ended after;
+    a refused run exits with status 2 and its message, a Ctrl-C with status 130, what was
+    saved and the command that continues (``args.again``)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        args.distributed = _init_distributed(args.device)
+        args.distributed = process_group_for(args.device)
     except (RuntimeError, ValueError) as error:
         return _fail(str(error))
     try:
         return command(args)
+    except _REFUSALS as error:
+        return _fail(str(error))
+    except KeyboardInterrupt as interrupt:
+        if args.distributed.is_main:
+            saved = (f"{interrupt}, checkpoint {Path(interrupt.run_dir) / 'checkpoint.pt'}"
+                     if isinstance(interrupt, RunInterrupted)
+                     else "before training started or resumed")
+            print(f"interrupted: {saved}\nto continue: {args.again}", file=sys.stderr,
+                  flush=True)
+        return 130
     finally:
         distributed.cleanup(args.distributed)
 
 
-def _init_distributed(device: str) -> distributed.DistributedContext:
-    """torchrun's process group (a single-process context without torchrun)."""
-    if device.startswith("cuda"):  # one GPU per process: cuda:LOCAL_RANK, NCCL
-        return distributed.init_from_environment(backend="nccl" if device == "cuda" else None,
-                                                 device=None if device == "cuda" else device)
-    return distributed.init_from_environment(backend="gloo", device=device)
+def _again(prog: str, argv: Sequence[str], add_resume: bool) -> str:
+    """The command that continues ``prog argv`` after a Ctrl-C (``--overwrite`` dropped,
+    ``--resume`` added where it is needed)."""
+    kept = [arg for arg in argv if arg != "--overwrite"]
+    if add_resume and "--resume" not in kept:
+        kept.append("--resume")
+    launcher = "python -m msvag_mb.cli" if Path(sys.argv[0]).name == "cli.py" else prog
+    return " ".join([launcher, *map(shlex.quote, kept)])
 
 
 def _fail(message: str) -> int:
@@ -157,18 +191,26 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                              "write --monitor-every N")
     args = parser.parse_args(argv)
     args.compare = args.compare or not argv
-    return _in_process_group(args, _train)
+    if args.resume and args.overwrite:
+        parser.error("pass --resume (continue the run) or --overwrite (train it again), "
+                     "not both")
+    given = [f"--{name}" for name in _METHOD_DEFAULTS if getattr(args, name) is not None]
+    if args.compare and given:
+        parser.error(f"--compare trains its own methods (M-SGD, M-SVAG with both variance "
+                     f"estimates, Adam): drop {' and '.join(given)}, or drop --compare for "
+                     "one run")
+    args.again = _again("msvag-train", argv, add_resume=not args.compare)
+    return _in_process_group(args, _compare if args.compare else _train)
 
 
 def _train(args: argparse.Namespace) -> int:
-    try:
-        if args.compare:
-            return _compare(args)
-        config = _config(args)
-        result = _run(config, args, args.out or "runs", resume=args.resume,
-                      overwrite=args.overwrite, monitor=args.monitor)
-    except (DataNotFoundError, FileExistsError, ValueError) as error:
-        return _fail(str(error))
+    config = _config(args)
+    if args.distributed.is_main:
+        method = config.resolved()
+        _say(f"msvag-train: one run, {method.display_name} on {method.problem}, lr "
+             f"{method.lr:g} (without options, or with --compare: the four-method comparison)")
+    result = train(config, args.out or "runs", resume=args.resume,
+                   overwrite=args.overwrite, monitor=args.monitor, **_train_options(args))
     if not args.distributed.is_main:
         return 1 if result.diverged else 0
     print(summarize([result]))
@@ -180,58 +222,21 @@ def _train(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     out = args.out or DEFAULT_OUT
-    problem = get_problem(args.problem)
-    data = problem.load_data(args.data_dir, args.download, synthetic=args.data == "synthetic",
-                             seed=args.seed)
-    results = []
     started = time.perf_counter()
-    for optimizer, variance in COMPARISON:
-        config = _config(args, optimizer=optimizer, variance=variance,
-                         lr=problem.lrs.get(optimizer))
-        monitor = args.monitor if variance is not None else None
-        results.append(_run(config, args, out, data=data, overwrite=True, monitor=monitor))
+    config = _config(args)
+    if args.distributed.is_main:
+        names = [method.resolved().display_name for method in comparison_configs(config)]
+        _say(f"msvag-train: the comparison of {', '.join(names[:-1])} and {names[-1]} on "
+             f"{config.problem} into {out} (finished runs are reused; --overwrite trains "
+             "them again)")
+    results = compare(config, out, monitor=args.monitor, overwrite=args.overwrite,
+                      **_train_options(args))
     if not args.distributed.is_main:
         return 0
     print(summarize(results))
-    groups = [g for g in collect_groups(Path(out) / args.problem)
-              if (g.label, g.lr) in {(r.config.label, r.config.lr) for r in results}]
-    figure = plot_groups(groups, Path(out) / args.problem / "comparison.png",
-                         title=f"{args.problem}: seed {args.seed}")
+    figure = plot_comparison(results, out)
     print(f"figure: {figure}  ({time.perf_counter() - started:.0f} s)")
     return 0
-
-
-def step_size_grid(lr_max: float, points: int) -> list[float]:
-    """App. A.2's grid ``6·10^m, 3·10^m, 1·10^m`` downwards from ``lr_max`` (on the grid)."""
-    exponent = math.floor(math.log10(lr_max) + 1e-9)
-    mantissa = lr_max / 10 ** exponent
-    matches = [m for m in (6, 3, 1) if math.isclose(mantissa, m, rel_tol=1e-6)]
-    if not matches:
-        raise ValueError(f"--lr-max {lr_max:g} is not on the grid 6·10^m, 3·10^m, 1·10^m "
-                         "(e.g. 0.6, 0.3, 0.1)")
-    grid, index = [], (6, 3, 1).index(matches[0])
-    while len(grid) < points:
-        grid.append(float(f"{(6, 3, 1)[index] * 10.0 ** exponent:.6g}"))
-        index += 1
-        if index == 3:
-            index, exponent = 0, exponent - 1
-    return grid
-
-
-def default_lr_max(problem: str, optimizer: str) -> float:
-    """The grid value at or just above 10x the paper's step size (1.0 if none is known)."""
-    reference = get_problem(problem).lrs.get(
-        {"svag": "msvag", "adamstar": "adam"}.get(optimizer, optimizer))
-    if reference is None:
-        return 1.0
-    target = 10 * reference
-    exponent = math.floor(math.log10(target)) - 1
-    while True:
-        for m in (1, 3, 6):
-            value = m * 10.0 ** exponent
-            if value >= target * (1 - 1e-6):
-                return float(f"{value:.6g}")
-        exponent += 1
 
 
 def tune_main(argv: Sequence[str] | None = None) -> int:
@@ -249,55 +254,23 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--grid-points", type=int, default=5, help="default: %(default)s")
     parser.add_argument("--seeds", type=int, default=10, help="default: %(default)s")
     parser.add_argument("--out", default="runs/tune", help="default: %(default)s")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train every run again (default: continue or reuse the runs "
+                             "found in --out)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.again = _again("msvag-tune", argv, add_resume=False)
     return _in_process_group(args, _tune)  # under torchrun every run is data-parallel
 
 
 def _tune(args: argparse.Namespace) -> int:
-    is_main = args.distributed.is_main
-    try:
-        grid = step_size_grid(args.lr_max or default_lr_max(args.problem, args.optimizer),
-                              args.grid_points)
-        problem = get_problem(args.problem)
-        data = problem.load_data(args.data_dir, args.download,
-                                 synthetic=args.data == "synthetic", seed=0)
-        grid_results = []
-        for lr in grid:
-            # resume=True: a rerun of msvag-tune reuses finished grid points
-            result = _run(_config(args, lr=lr, seed=0), args, args.out, data=data, resume=True)
-            grid_results.append(result)
-            if not is_main:  # only rank 0 evaluates: it alone knows the scores
-                continue
-            print(f"lr {lr:g}: " + ("diverged" if result.diverged else
-                                    f"best test accuracy {result.best_test_accuracy:.4f}"))
-        stable = [r for r in grid_results if not r.diverged]  # the same on every rank
-        if not stable:
-            return _fail(f"every step size of the grid {grid} diverged; lower --lr-max")
-        winner = max(stable, key=lambda r: r.best_test_accuracy)
-        if args.distributed.is_distributed:  # rank 0's choice: the others have no scores
-            choice = [grid_results.index(winner)]
-            torch.distributed.broadcast_object_list(choice, src=0)
-            winner = grid_results[choice[0]]
-        seeds = [winner] + [
-            _run(_config(args, lr=winner.config.lr, seed=seed), args, args.out, data=data,
-                 resume=True)
-            for seed in range(1, args.seeds)
-        ]
-    except (DataNotFoundError, FileExistsError, ValueError) as error:
-        return _fail(str(error))
-    if not is_main:
+    tuning = tune(_config(args), args.out, lr_max=args.lr_max, grid_points=args.grid_points,
+                  seeds=args.seeds, overwrite=args.overwrite, **_train_options(args))
+    if not args.distributed.is_main:
         return 0
-    print(summarize(grid_results + seeds[1:]))
-    summary = {
-        "problem": args.problem, "method": winner.config.label, "grid": grid,
-        "grid_best_test_accuracy": {f"{r.config.lr:g}": (None if r.diverged else
-                                                         r.best_test_accuracy)
-                                    for r in grid_results},
-        "winner_lr": winner.config.lr, "seeds": args.seeds,
-    }
-    path = Path(args.out) / args.problem / f"tune_{winner.config.label}.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"winner: lr {winner.config.lr:g}; summary {path}")
+    print(summarize(tuning.grid_results + tuning.seed_results[1:]))
+    path = write_summary(tuning, args.out)
+    print(f"winner: lr {tuning.winner.config.lr:g}; summary {path}")
     return 0
 
 
@@ -318,37 +291,11 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-monitor", action="store_true",
                         help="do not draw the monitoring logs (monitor.jsonl) of the runs")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    root = Path(args.root)
-    if root.is_file():  # one monitoring log
-        return _plot_monitor_logs([root], args.output)
-    if not root.is_dir():
-        return _fail(f"{args.root} is not a folder of runs nor a monitor.jsonl")
-    logs = [] if args.no_monitor else sorted(root.rglob("monitor.jsonl"))
-    if (root / "metrics.jsonl").is_file():  # one run's folder: its monitoring log only
-        if not logs:
-            return _fail(f"{root} is one run without a monitor.jsonl; pass the folder above "
-                         "it to plot the runs, or train with --monitor")
-        return _plot_monitor_logs(logs, args.output)
     try:
-        path, table = plot_runs(args.root, args.output, args.all_step_sizes,
-                                args.include_unfinished)
-    except ValueError as error:
+        plot_path(args.root, args.output, all_step_sizes=args.all_step_sizes,
+                  include_unfinished=args.include_unfinished, monitor=not args.no_monitor)
+    except (ValueError, RunFileError) as error:
         return _fail(str(error))
-    print(table)
-    print(f"figure: {path}")
-    return _plot_monitor_logs(logs, None)
-
-
-def _plot_monitor_logs(logs: Sequence[Path], output: str | None) -> int:
-    """Draw each monitoring log beside it (``monitor.png``), or one log into ``output``."""
-    from .monitoring import plot_monitoring
-
-    for log in logs:
-        target = output if output and len(logs) == 1 else log.with_suffix(".png")
-        try:
-            print(f"monitoring figure: {plot_monitoring(log, target)}")
-        except ValueError as error:
-            return _fail(str(error))
     return 0
 
 

@@ -22,10 +22,12 @@ estimated variance. Records go to JSON lines, CSV and/or TensorBoard (if
 ``torch.utils.tensorboard`` imports: ``pip install "msvag_mb[tensorboard]"``).
 :func:`plot_monitoring` draws a log.
 
-The maths is that of :mod:`msvag_mb.estimators` and :mod:`msvag_mb.optimizers`: after a
-step ``state["step"] = t + 1``, so the step just taken had index ``t = state["step"] - 1``.
+No formula is written here: ``m_t`` and ``gamma_t`` come from :mod:`msvag_mb.directions`
+and ``V_t`` from the estimator's read-only :meth:`~msvag_mb.VarianceEstimator.estimate`,
+so any estimator that the fused path accepts is monitored too. After a step
+``state["step"] = t + 1``, so the step just taken had index ``t = state["step"] - 1``.
 For :class:`~msvag_mb.AdamStar` ``gamma`` is the M-SVAG factor; its step is
-``lr * sign(m_t) * sqrt(gamma_t)``.
+``lr * sign(m_t) * sqrt(gamma_t)``. Equations: ``docs/maths.md``, Eqs. (M5) and (25).
 """
 
 from __future__ import annotations
@@ -41,15 +43,19 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .estimators import MiniBatchVariance, MovingAverageVariance, rho
-from .optimizers import MomentumFamilyOptimizer, batch_variance_of
+from .directions import adaptation_factor, momentum_moments, step_coefficients
+from .ops import TENSOR
+from .optimizers import MomentumFamilyOptimizer
+from .param_variance import grad_variance_or_none
 
 #: default quantiles of gamma recorded per layer
 QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 _UNSUPPORTED_HINT = (
     "VarianceMonitor reads the variance estimate of msvag_mb's variance-adapted optimizers "
-    "(MSVAG, SVAG, AdamStar) with variance='moving_average' or 'minibatch'"
+    "(MSVAG, SVAG, AdamStar) with an estimator that can estimate without advancing: the "
+    "built-in 'moving_average' and 'minibatch', or a VarianceEstimator that writes "
+    "advance() and variance()"
 )
 
 
@@ -66,13 +72,15 @@ class DirectionStatistics(NamedTuple):
 def is_supported(optimizer: Optimizer) -> bool:
     """True if :class:`VarianceMonitor` can monitor ``optimizer``.
 
-    That is an msvag_mb optimizer with a built-in variance estimator (MSVAG, SVAG,
-    AdamStar with ``variance="moving_average"`` or ``"minibatch"``); M-SGD, M-SSD and
-    ``torch.optim.Adam`` keep no variance estimate of this kind.
+    That is an msvag_mb optimizer with a variance estimator that can estimate without
+    advancing its state (MSVAG, SVAG, AdamStar with ``variance="moving_average"``,
+    ``"minibatch"`` or a :class:`~msvag_mb.VarianceEstimator` written as
+    ``advance``/``variance``); M-SGD, M-SSD and ``torch.optim.Adam`` keep no variance
+    estimate of this kind.
     """
     estimator = getattr(optimizer, "variance_estimator", None)
-    return isinstance(optimizer, MomentumFamilyOptimizer) and type(estimator) in (
-        MovingAverageVariance, MiniBatchVariance)
+    return (isinstance(optimizer, MomentumFamilyOptimizer) and estimator is not None
+            and estimator.elementwise())
 
 
 def tensorboard_available() -> bool:
@@ -105,42 +113,23 @@ def direction_statistics(optimizer: Optimizer, param: Tensor) -> DirectionStatis
     group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
     beta = group["beta"]
     t = int(state["step"]) - 1  # the step just taken
-    bias_correction = 1.0 - beta ** (t + 1)
-    mean = state["exp_avg"] / bias_correction  # m_t
-    mean_squared = mean * mean
-    estimator = optimizer.variance_estimator
-    target = optimizer.variance_target
-    if isinstance(estimator, MovingAverageVariance):
-        if t == 0:  # s_0 = 0: rho(beta, 0) = 1 makes Eq. (22) undefined
-            gradient_variance = torch.zeros_like(mean)
-        else:
-            excess = (state["exp_avg_sq"] / bias_correction).sub_(mean_squared).clamp_(min=0.0)
-            gradient_variance = excess.div_(1.0 - rho(beta, t))  # s_t, Eq. (22)
-        variance = (gradient_variance * rho(beta, t) if target == "mean"
-                    else gradient_variance)
-    else:  # MiniBatchVariance
-        gradient_variance = _batch_variance_or_none(param)  # s_hat_t
-        if target == "mean":
-            variance = state["variance_avg"] / bias_correction**2  # r_t
-        elif gradient_variance is None:
-            raise RuntimeError(
-                "SVAG with variance='minibatch' divides by s_hat_t = p.grad_variance, which "
-                "is gone: record after optimizer.step() and before optimizer.zero_grad() "
-                "(VarianceMonitor(attach=True) does this)."
-            )
-        else:
-            variance = gradient_variance
-    # as the optimizer: m^2 + V = 0 only where m = 0, and there the element does not move
-    denominator = (mean_squared + variance).clamp_(min=torch.finfo(mean.dtype).tiny)
-    gamma = mean_squared / denominator
-    return DirectionStatistics(t, mean, variance, gradient_variance, gamma)
-
-
-def _batch_variance_or_none(param: Tensor) -> Tensor | None:
-    try:
-        return batch_variance_of(param)
-    except RuntimeError:
-        return None
+    coefficients = step_coefficients(group["lr"], beta, group["weight_decay"], t)
+    # g_t is gone (its weight decay used theta_t); no estimate may read moments.grad
+    moments = momentum_moments(TENSOR, None, state["exp_avg"], coefficients)
+    estimator, target = optimizer.variance_estimator, optimizer.variance_target
+    batch_variance = grad_variance_or_none(param) if estimator.requires_batch_variance else None
+    variance = estimator.estimate(state, moments, batch_variance, t, beta, target)
+    if variance is None:
+        raise RuntimeError(
+            f"{type(optimizer).__name__} with variance={estimator.name!r} divides by an "
+            "estimate that needs p.grad_variance, which is gone: record after "
+            "optimizer.step() and before optimizer.zero_grad() (VarianceMonitor(attach=True) "
+            "does this)."
+        )
+    gradient_variance = variance if target == "gradient" else estimator.estimate(
+        state, moments, batch_variance, t, beta, "gradient")
+    gamma = adaptation_factor(TENSOR, moments, variance)
+    return DirectionStatistics(t, moments.mean, variance, gradient_variance, gamma)
 
 
 def _estimator_suffix(optimizer: Optimizer) -> str:
@@ -365,9 +354,8 @@ class VarianceMonitor:
                 + [f"gamma_hist_{i:02d}" for i in range(self.bins)])
 
     def _write(self, records: list[dict[str, Any]]) -> None:
-        if self._jsonl is not None:
-            for record in records:
-                self._jsonl.write(json.dumps(record) + "\n")
+        if self._jsonl is not None:  # one write of whole lines (summarize: no NaN/Inf)
+            self._jsonl.write("".join(json.dumps(record) + "\n" for record in records))
             self._jsonl.flush()
         if self._csv_writer is not None:
             for record in records:
@@ -443,14 +431,24 @@ def load_monitoring(path: str | Path) -> list[dict[str, Any]]:
     """Read a monitoring log written by :class:`VarianceMonitor` (``.jsonl`` or ``.csv``).
 
     CSV rows come back as JSON-lines records: numbers parsed, empty cells ``None``, the
-    ``gamma_hist_NN`` columns gathered into ``gamma_hist``.
+    ``gamma_hist_NN`` columns gathered into ``gamma_hist``. A last JSON line cut short (a
+    kill while it was written) is left out.
     """
     path = Path(path)
     if path.suffix == ".csv":
         with path.open(newline="") as handle:
             return [_record_from_row(row) for row in _csv.DictReader(handle)]
-    with path.open() as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    lines = [(number, line) for number, line in enumerate(path.read_text().split("\n"), 1)
+             if line.strip()]
+    records = []
+    for position, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError as error:
+            if position < len(lines) - 1:  # the last line may be cut short by a kill
+                raise ValueError(f"{path}, line {number}, is not a JSON record ({error})") \
+                    from error
+    return records
 
 
 def _record_from_row(row: dict[str, str]) -> dict[str, Any]:
@@ -488,7 +486,6 @@ def plot_monitoring(
     Returns:
         The path of the saved figure.
     """
-    import numpy as np
     from matplotlib.figure import Figure  # no pyplot: no global state, any backend
 
     records = load_monitoring(path) if isinstance(path, (str, Path)) else list(path)
@@ -499,31 +496,52 @@ def plot_monitoring(
         layers = sorted(sizes, key=lambda name: -sizes[name])[:max_layers]
     by_layer = {name: sorted((r for r in records if r["layer"] == name and r.get("numel")),
                              key=lambda r: r["step"]) for name in layers}
-
-    def series(rows, key):
-        return np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
-
     figure = Figure(figsize=(11, 7.5))
-    axes = figure.subplots(2, 2)
-    (ax_gamma, ax_snr), (ax_variance, ax_hist) = axes
+    (ax_gamma, ax_snr), (ax_variance, ax_hist) = figure.subplots(2, 2)
+    _plot_series(by_layer, ax_gamma, ax_snr, ax_variance)
+    _plot_gamma_histogram(by_layer, figure, ax_hist)
+    estimator = records[0].get("estimator", "")
+    figure.suptitle(f"variance monitor ({estimator} estimate)")
+    figure.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_png, dpi=110)
+    return out_png
+
+
+def _series(rows: list[dict[str, Any]], key: str):
+    import numpy as np
+
+    return np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
+
+
+def _plot_series(by_layer: dict[str, list[dict[str, Any]]], ax_gamma, ax_snr, ax_variance):
+    """gamma (median, 25-75 % band), SNR and variance over the steps, one line per layer."""
+    import numpy as np
+
     for name, rows in by_layer.items():
         if not rows:
             continue
         steps = np.array([r["step"] for r in rows])
-        (line,) = ax_gamma.plot(steps, series(rows, "gamma_q50"), label=name)
+        (line,) = ax_gamma.plot(steps, _series(rows, "gamma_q50"), label=name)
         if rows[0].get("gamma_q25", "missing") != "missing":
-            ax_gamma.fill_between(steps, series(rows, "gamma_q25"), series(rows, "gamma_q75"),
+            ax_gamma.fill_between(steps, _series(rows, "gamma_q25"), _series(rows, "gamma_q75"),
                                   color=line.get_color(), alpha=0.2, linewidth=0)
-        ax_snr.plot(steps, series(rows, "snr_median"), label=name)
-        ax_variance.plot(steps, series(rows, "variance_mean"), label=name)
+        ax_snr.plot(steps, _series(rows, "snr_median"), label=name)
+        ax_variance.plot(steps, _series(rows, "variance_mean"), label=name)
     ax_gamma.set(title="adaptation factor gamma (median, 25-75 %)", xlabel="step t",
                  ylim=(-0.02, 1.02))
     ax_snr.set(title="SNR m^2 / V (median over elements)", xlabel="step t", yscale="log")
     ax_variance.set(title="estimated variance V (mean over elements)", xlabel="step t",
                     yscale="log")
     ax_gamma.legend(fontsize="small")
-    # gamma histogram over steps, all drawn layers pooled (fraction of elements per bin)
-    pooled: dict[int, np.ndarray] = {}
+
+
+def _plot_gamma_histogram(by_layer: dict[str, list[dict[str, Any]]], figure, ax_hist):
+    """gamma histogram over steps, all drawn layers pooled (fraction of elements per bin)."""
+    import numpy as np
+
+    pooled: dict[int, Any] = {}
     for rows in by_layer.values():
         for r in rows:
             counts = np.asarray(r.get("gamma_hist") or [], dtype=float)
@@ -539,13 +557,6 @@ def plot_monitoring(
         figure.colorbar(shown, ax=ax_hist, label="fraction of elements")
     ax_hist.set(title="distribution of gamma (drawn layers pooled)", xlabel="step t",
                 ylabel="gamma")
-    estimator = records[0].get("estimator", "")
-    figure.suptitle(f"variance monitor ({estimator} estimate)")
-    figure.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_png, dpi=110)
-    return out_png
 
 
 __all__ = [

@@ -1,9 +1,11 @@
-"""A plain float64 transcription of ``ALGORITHMS.md``: the oracle for the optimizers.
+"""A plain float64 transcription of ``docs/maths.md``: the oracle for the optimizers.
 
 Written for reading, not speed: NumPy, one step at a time, the paper's symbols, no shared
 code with :mod:`msvag_mb.optimizers`. Each function runs ``len(gradients)`` steps from
 ``theta0`` on a *prescribed* gradient sequence (the gradient before weight decay; the
 decay term ``lambda * theta_t`` is added from the current iterate, as the optimizers do).
+The comments cite the equations of ``docs/maths.md``: ``(22)`` is the paper's Eq. (22),
+``(M15)`` one of the page's own.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ Array = np.ndarray
 
 
 def rho(beta: float, t: int) -> float:
-    """rho(beta, t) = (1-beta)(1+beta^(t+1)) / ((1+beta)(1-beta^(t+1)))."""
+    """rho(beta, t) = (1-beta)(1+beta^(t+1)) / ((1+beta)(1-beta^(t+1))), docs/maths.md (M3)."""
     return (1 - beta) * (1 + beta ** (t + 1)) / ((1 + beta) * (1 - beta ** (t + 1)))
 
 
@@ -54,10 +56,10 @@ def run_reference(
     for t, raw_gradient in enumerate(gradients):
         g = np.asarray(raw_gradient, dtype=np.float64) + weight_decay * theta
         m_tilde = beta * m_tilde + (1 - beta) * g
-        m = m_tilde / (1 - beta ** (t + 1))
+        m = m_tilde / (1 - beta ** (t + 1))  # (M1)
 
         if variance == "moving_average":
-            v_tilde = beta * v_tilde + (1 - beta) * g**2
+            v_tilde = beta * v_tilde + (1 - beta) * g**2  # (M10)
             v = v_tilde / (1 - beta ** (t + 1))
             if t == 0:
                 s = np.zeros_like(theta)  # rho(beta, 0) = 1: Eq. (22) undefined
@@ -67,7 +69,7 @@ def run_reference(
             variance_of_m = rho(beta, t) * s
         elif variance == "minibatch":
             s_hat = np.asarray(batch_variances[t], dtype=np.float64)
-            r_tilde = beta**2 * r_tilde + (1 - beta) ** 2 * s_hat
+            r_tilde = beta**2 * r_tilde + (1 - beta) ** 2 * s_hat  # (M15)
             r = r_tilde / (1 - beta ** (t + 1)) ** 2
             variance_of_g = s_hat
             variance_of_m = r
@@ -76,27 +78,27 @@ def run_reference(
 
         with np.errstate(invalid="ignore", divide="ignore"):
             if algorithm == "msgd":
-                update = m
+                update = m  # (M7)
             elif algorithm == "mssd":
-                update = _sign(m)
+                update = _sign(m)  # (M8)
             elif algorithm == "msvag":
                 gamma = m**2 / (m**2 + variance_of_m)  # Eq. (25)
                 update = np.where(m**2 + variance_of_m > 0, gamma, 0.0) * m
             elif algorithm == "svag":
-                gamma = m**2 / (m**2 + variance_of_g)
+                gamma = m**2 / (m**2 + variance_of_g)  # (23)
                 update = np.where(m**2 + variance_of_g > 0, gamma, 0.0) * g
             elif algorithm == "adamstar":
-                eta_squared = variance_of_m / m**2
+                eta_squared = variance_of_m / m**2  # (M9)
                 update = np.where(m != 0, _sign(m) / np.sqrt(1 + eta_squared), 0.0)
             else:
                 raise ValueError(f"unknown algorithm {algorithm!r}")
-        theta = theta - lr * update
+        theta = theta - lr * update  # (M6)
         iterates.append(theta.copy())
     return iterates
 
 
 def within_batch_variance(per_example_gradients: Array) -> Array:
-    """s_hat = 1/(B(B-1)) sum_b (g_b - gbar)^2 for gradients stacked along axis 0."""
+    """s_hat = 1/(B(B-1)) sum_b (g_b - gbar)^2 (docs/maths.md (M12)), gradients along axis 0."""
     g = np.asarray(per_example_gradients, dtype=np.float64)
     batch_size = g.shape[0]
     gbar = g.mean(axis=0)

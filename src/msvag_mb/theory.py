@@ -1,8 +1,10 @@
 r"""The paper's side results as small, checkable functions.
 
-Balles & Hennig, *Dissecting Adam* (ICML 2018). The equations were lost when the paper's
-text was extracted; the formulas below are reconstructed from the surrounding text and the
-appendix derivations (the reconstruction is stated in each docstring).
+Balles & Hennig, *Dissecting Adam* (ICML 2018). The copy of the paper this work started
+from had lost its typeset equations; the formulas below are reconstructed from the
+surrounding text and the appendix derivations (each docstring says what was reconstructed).
+``docs/theory.md`` states them with the figures; the optimizers' own equations are in
+``docs/maths.md``.
 
 Three groups:
 

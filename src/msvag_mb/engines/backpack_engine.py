@@ -4,7 +4,20 @@ BackPACK (Dangel et al., 2020) computes ``sum_n c_n^2`` from each layer's input 
 gradient during one ordinary backward pass. We register BackPACK's hooks only for the
 duration of one call and remove them afterwards, because hooks left on a model break
 ``torch.func`` transforms (engine switching). Every known trap is refused *before* the
-backward pass, with the layer's name and the fix.
+backward pass, with the layer's name and the fix:
+
+* before running the model (:meth:`BackpackEngine.unsupported_reason`): tied weights,
+  in-place layers, BatchNorm in train mode, layers BackPACK lacks, and configurations its
+  derivatives ignore or crash on (``padding_mode`` other than zeros, ``padding='same'``,
+  ``ConvTranspose`` with ``output_padding``, Embedding with ``padding_idx``, ``max_norm``,
+  ``scale_grad_by_freq``, ``sparse`` or a dtype other than the default one, ``nn.RNN`` with
+  ``nonlinearity='relu'``, RNNs other than single-layer batch-first ones);
+* during the forward pass: a layer whose input does not hold the examples along dim 0
+  (BackPACK assumes so; located by :class:`~msvag_mb.extensions.layout.ExampleLayouts`,
+  e.g. ``x.flatten(0, 1)`` or a sequence-first layout), a layer called twice, an initial
+  state passed to an RNN;
+* after the forward pass, from its autograd graph: a parameter used outside its layer
+  (:class:`~msvag_mb.extensions.uses.ParameterUses`, e.g. ``F.linear(h, emb.weight)``).
 """
 
 from __future__ import annotations
@@ -12,25 +25,28 @@ from __future__ import annotations
 import warnings
 from typing import Sequence
 
+import torch
 from torch import Tensor, nn
 
-from .base import (
-    Engine,
-    EngineResult,
-    LossFunction,
-    ParameterStatistics,
+from msvag_mb.extensions.layout import ExampleLayouts
+from msvag_mb.extensions.uses import ParameterUses
+
+from ..model_checks import (
+    FREQUENCY_SCALING_REASON,
     UnsupportedModelError,
     batch_size_of,
-    find_tied_parameters,
     inplace_modules,
     leaf_modules_with_parameters,
     model_inputs,
-    register_engine,
+    qualified_names,
+    tied_weights_reason,
     train_mode_batchnorm_reason,
+    used_outside_its_layer_error,
 )
+from .base import Engine, EngineResult, LossFunction, ParameterStatistics, register_engine
 
 
-def _lstm_problem(module: nn.RNNBase) -> str | None:
+def _rnn_problem(module: nn.RNNBase) -> str | None:
     """BackPACK 1.7's RNN/LSTM derivatives only cover this configuration."""
     if not module.batch_first:
         return "batch_first=False"
@@ -45,18 +61,118 @@ def _lstm_problem(module: nn.RNNBase) -> str | None:
         return "bidirectional=True"
     if getattr(module, "proj_size", 0) != 0:
         return "proj_size != 0"
+    if getattr(module, "nonlinearity", "tanh") != "tanh":
+        return f"nonlinearity='{module.nonlinearity}' (only 'tanh')"
     return None
 
 
-def _refuse_initial_state(module: nn.Module, args: tuple) -> None:
-    # BackPACK's LSTM/RNN derivatives assume a zero initial state: with (h0, c0) given they
-    # would silently return wrong statistics.
-    if len(args) > 1 and args[1] is not None:
-        raise UnsupportedModelError(
-            f"BackPACK cannot handle an initial state passed to {type(module).__name__} (it "
-            "assumes zeros and would give wrong statistics). Use engine='extensions' or "
-            "engine='auto'."
-        )
+def _conv_problem(module: nn.Module) -> str | None:
+    """Convolution settings that BackPACK's unfolding ignores (wrong numbers) or crashes on."""
+    if module.padding_mode != "zeros":
+        return (f"padding_mode='{module.padding_mode}' (BackPACK unfolds with zero padding "
+                "and would give wrong statistics)")
+    if module.padding == "same":
+        return "padding='same' (BackPACK ignores it or crashes)"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and any(module.output_padding):
+        return f"output_padding={tuple(module.output_padding)} (BackPACK crashes)"
+    return None
+
+
+def _embedding_problem(module: nn.Embedding) -> str | None:
+    """Embedding settings that BackPACK's derivatives refuse mid-backward."""
+    if module.scale_grad_by_freq:
+        return FREQUENCY_SCALING_REASON
+    for option in ("padding_idx", "max_norm"):
+        if getattr(module, option) is not None:
+            return f"{option}={getattr(module, option)}, which BackPACK does not support"
+    if module.sparse:
+        return "sparse=True, which BackPACK does not support"
+    if module.weight.dtype != torch.get_default_dtype():
+        return (f"dtype {module.weight.dtype} while the default dtype is "
+                f"{torch.get_default_dtype()} (BackPACK builds its one-hot indices in the "
+                "default dtype and crashes)")
+    return None
+
+
+def _elsewhere(module: nn.Module) -> str:
+    """Where a layer that BackPACK refuses is served."""
+    if isinstance(module, nn.LSTM):
+        return "Use engine='extensions' (or 'auto')."
+    if isinstance(module, nn.RNNBase):
+        return ("No per-example engine here handles it; use "
+                "engine=msvag_mb.GhostBatchEngine(groups=K) or variance='moving_average'.")
+    return "Use engine='auto' (or engine='extensions' / 'vmap')."
+
+
+def _unknown_parameters(module: nn.Module, supported: dict) -> str | None:
+    """Trainable parameters that BackPACK's extension for the layer does not compute."""
+    # BackPACK keeps the parameter names of a layer's extension in a name-mangled attribute
+    known = set(getattr(supported[type(module)], "_ModuleExtension__params", None) or ())
+    unknown = sorted(n for n, p in module.named_parameters(recurse=False)
+                     if p.requires_grad and n not in known)
+    if not known or not unknown:
+        return None
+    return (f"parameters that BackPACK's extension does not know ({', '.join(unknown)}; "
+            "e.g. from torch.nn.utils.weight_norm)")
+
+
+def _layer_problem(module: nn.Module) -> str | None:
+    if isinstance(module, nn.RNNBase):
+        return _rnn_problem(module)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return _conv_problem(module)
+    if isinstance(module, nn.Embedding):
+        return _embedding_problem(module)
+    return None
+
+
+class _CallChecks:
+    """Forward hooks that refuse, while the model runs, what BackPACK would get wrong: an
+    input without the examples along dim 0, a second call of a layer, an RNN initial state;
+    and that record each call's graph for :meth:`ParameterUses.check`."""
+
+    def __init__(self, model: nn.Module, inputs: Sequence[Tensor], batch_size: int,
+                 parameters: Sequence[nn.Parameter]) -> None:
+        self.layouts = ExampleLayouts(batch_size, inputs)
+        names = qualified_names(model)
+        modules = leaf_modules_with_parameters(model)
+        wanted = {id(p) for p in parameters}
+        self.uses = ParameterUses({
+            p: (names[p], name) for name, module in modules
+            for p in module.parameters(recurse=False) if id(p) in wanted})
+        self.names = {module: name for name, module in modules}
+        self.calls: dict[nn.Module, int] = {}
+
+    def before(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook: the refusals."""
+        name = self.names[module]
+        self.calls[module] = self.calls.get(module, 0) + 1
+        if self.calls[module] > 1:
+            raise UnsupportedModelError(
+                f"layer '{name}' is called more than once in one forward pass; BackPACK "
+                "keeps one input per layer and would crash or give wrong statistics. Use "
+                "engine='vmap' (engine='auto' falls back to it).")
+        if args and isinstance(args[0], nn.utils.rnn.PackedSequence):
+            raise UnsupportedModelError(
+                f"layer '{name}' ({type(module).__name__}) got a PackedSequence, which "
+                "BackPACK's RNN derivatives do not handle. Use padded input of equal lengths, "
+                "or engine='extensions' / 'auto' where they apply.")
+        if isinstance(module, nn.RNNBase) and len(args) > 1 and args[1] is not None:
+            # BackPACK's LSTM/RNN derivatives assume a zero initial state
+            raise UnsupportedModelError(
+                f"BackPACK cannot handle an initial state passed to {type(module).__name__} "
+                f"'{name}' (it assumes zeros and would give wrong statistics). Use "
+                "engine='extensions' or engine='auto'.")
+        if args and isinstance(args[0], Tensor):
+            self.layouts.batch_axis(args[0], name, type(module).__name__, (0,))
+
+    def after(self, module: nn.Module, args: tuple, output) -> None:
+        """Forward hook: where the examples are in the output, and the call's graph."""
+        outputs = [output] if isinstance(output, Tensor) else list(output[:1])
+        for tensor in outputs:
+            if isinstance(tensor, Tensor):
+                self.layouts.register(tensor, 0)
+        self.uses.record_call(self.names[module], args, output)
 
 
 @register_engine
@@ -65,6 +181,10 @@ class BackpackEngine(Engine):
 
     name = "backpack"
     auto_priority = 20
+    #: BackPACK's einsums of a layer's stored (autocast-dtype) input with its output
+    #: gradient fail on mixed dtypes outside autocast; its sums of squares are then in the
+    #: autocast dtype (about 3 significant digits in bfloat16)
+    autocast_in_backward = True
 
     @classmethod
     def supported_layers(cls) -> dict[type, object]:
@@ -77,14 +197,12 @@ class BackpackEngine(Engine):
     @classmethod
     def unsupported_reason(cls, model: nn.Module) -> str | None:
         """Refuses tied weights, in-place layers, BatchNorm in train mode, layers BackPACK lacks
-        and LSTMs it cannot handle; ``None`` otherwise.
+        and layer configurations its derivatives get wrong or crash on (see the module
+        docstring); ``None`` otherwise.
         """
-        tied = find_tied_parameters(model)
+        tied = tied_weights_reason(model)
         if tied:
-            first, second = tied[0]
-            return (f"tied weights: '{first}' and '{second}' are one Parameter; BackPACK "
-                    "squares each module's share separately and returns wrong variances. "
-                    "Use engine='vmap' (or 'auto').")
+            return tied
         inplace = inplace_modules(model)
         if inplace:
             return (f"layer '{inplace[0]}' works in place (inplace=True), which breaks "
@@ -98,11 +216,10 @@ class BackpackEngine(Engine):
                 return (f"layer '{name}' ({type(module).__name__}) is not supported by "
                         "BackPACK's SumGradSquared (BackPACK would only warn and leave it "
                         "without statistics). Use engine='vmap' or engine='auto'.")
-            if isinstance(module, nn.RNNBase):
-                problem = _lstm_problem(module)
-                if problem is not None:
-                    return (f"layer '{name}' ({type(module).__name__}) has {problem}, which "
-                            "BackPACK does not support. Use engine='extensions' or 'auto'.")
+            problem = _layer_problem(module) or _unknown_parameters(module, supported)
+            if problem is not None:
+                return (f"layer '{name}' ({type(module).__name__}) has {problem}. "
+                        f"{_elsewhere(module)}")
         return None
 
     def compute(
@@ -120,39 +237,48 @@ class BackpackEngine(Engine):
         from backpack import backpack, hook_run_extensions, hook_store_io, memory_cleanup
         from backpack.extensions import SumGradSquared
 
-        handles = []
-        hooked = []
+        args = model_inputs(inputs)
+        checks = _CallChecks(model, args, batch_size_of(inputs), parameters)
+        handles, hooked = [], []
         try:
             for _, module in leaf_modules_with_parameters(model):
+                handles.append(module.register_forward_pre_hook(checks.before))
+                handles.append(module.register_forward_hook(checks.after))
                 if getattr(module, "_backpack_extend", False):
                     continue  # the user extended it already: its hooks are in place
                 handles.append(module.register_forward_hook(hook_store_io))
                 handles.append(module.register_full_backward_hook(hook_run_extensions))
-                if isinstance(module, nn.RNNBase):
-                    handles.append(module.register_forward_pre_hook(_refuse_initial_state))
                 hooked.append(module)
-            outputs = model(*model_inputs(inputs))
-            loss = loss_fn(outputs, targets)
+            loss = loss_fn(model(*args), targets)
+            checks.uses.check(loss)  # before backward: parameters used outside their layer
             with backpack(SumGradSquared()), warnings.catch_warnings():
                 # expected for a first layer whose input needs no gradient: harmless here
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
+            return EngineResult(loss.detach(), batch_size_of(inputs),
+                                _collect_statistics(model, parameters))
         finally:
             for handle in handles:
                 handle.remove()
             for module in hooked:
                 memory_cleanup(module)
-        statistics = {}
-        for param in parameters:
-            if param.grad is None:
-                continue
-            sum_grad_squared = getattr(param, "sum_grad_squared", None)
-            if sum_grad_squared is None:
-                raise UnsupportedModelError(
-                    f"BackPACK produced no statistics for a parameter of shape "
-                    f"{tuple(param.shape)}: it is used outside a supported layer (e.g. in a "
-                    "functional call). Use engine='vmap'."
-                )
-            del param.sum_grad_squared
-            statistics[param] = ParameterStatistics(param.grad, sum_grad_squared)
-        return EngineResult(loss.detach(), batch_size_of(inputs), statistics)
+            for param in parameters:  # left behind when the call failed part-way
+                if hasattr(param, "sum_grad_squared"):
+                    del param.sum_grad_squared
+
+
+def _collect_statistics(model: nn.Module,
+                        parameters: Sequence[nn.Parameter]) -> dict[nn.Parameter,
+                                                                    ParameterStatistics]:
+    """``p.grad`` and BackPACK's ``p.sum_grad_squared`` (removed from the parameter)."""
+    statistics = {}
+    for param in parameters:
+        if param.grad is None:
+            continue
+        sum_grad_squared = getattr(param, "sum_grad_squared", None)
+        if sum_grad_squared is None:
+            name = qualified_names(model).get(param, str(tuple(param.shape)))
+            raise used_outside_its_layer_error(name)
+        del param.sum_grad_squared
+        statistics[param] = ParameterStatistics(param.grad, sum_grad_squared)
+    return statistics

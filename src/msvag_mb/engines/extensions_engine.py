@@ -6,6 +6,12 @@ Embedding, eval-mode BatchNorm), and nn.LSTM runs an exact re-implementation who
 backward yields the per-time-step gate gradients (any num_layers, batch_first or not, a
 carried initial state). The hooks exist only during :meth:`ExtensionsEngine.compute`.
 Preferred by ``engine="auto"`` whenever every layer is supported.
+
+Refused during the forward pass (before any backward, so ``engine="auto"`` falls back to
+the next engine): a layer whose input's examples cannot be located
+(:mod:`msvag_mb.extensions.layout`), a layer called twice, and -- after the forward pass,
+from the autograd graph -- a parameter used outside its layer
+(:mod:`msvag_mb.extensions.uses`).
 """
 
 from __future__ import annotations
@@ -17,17 +23,14 @@ from torch import Tensor, nn
 
 from msvag_mb.extensions import SumGradSquaredHooks, unsupported_layer
 
-from .base import (
-    Engine,
-    EngineResult,
-    LossFunction,
-    ParameterStatistics,
+from ..model_checks import (
     UnsupportedModelError,
     batch_size_of,
     model_inputs,
     qualified_names,
-    register_engine,
+    used_outside_its_layer_error,
 )
+from .base import Engine, EngineResult, LossFunction, ParameterStatistics, register_engine
 
 
 @register_engine
@@ -57,8 +60,10 @@ class ExtensionsEngine(Engine):
             raise UnsupportedModelError(f"engine 'extensions': {reason}")
         batch_size = batch_size_of(inputs)
         trainable = [p for p in parameters if p.requires_grad]
-        with SumGradSquaredHooks(model, trainable, batch_size) as hooks:
-            loss = loss_fn(model(*model_inputs(inputs)), targets)
+        args = model_inputs(inputs)
+        with SumGradSquaredHooks(model, trainable, batch_size, inputs=args) as hooks:
+            loss = loss_fn(model(*args), targets)
+            hooks.check_uses(loss)  # a parameter used outside its layer: refused here
             # autograd.grad leaves p.grad of parameters we do not report on untouched
             grads = torch.autograd.grad(loss, trainable, allow_unused=True)
         names = qualified_names(model)
@@ -68,10 +73,6 @@ class ExtensionsEngine(Engine):
                 continue  # no gradient reached this parameter: omitted
             sum_grad_squared = hooks.sum_grad_squared.get(param)
             if sum_grad_squared is None:
-                raise UnsupportedModelError(
-                    f"parameter '{names.get(param, tuple(param.shape))}' received a gradient "
-                    "outside its layer's forward (e.g. used in a functional call), so its "
-                    "layer hooks saw no per-example contributions. Use engine='vmap'."
-                )
+                raise used_outside_its_layer_error(names.get(param, str(tuple(param.shape))))
             statistics[param] = ParameterStatistics(grad, sum_grad_squared)
         return EngineResult(loss.detach(), batch_size, statistics)

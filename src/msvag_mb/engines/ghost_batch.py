@@ -20,15 +20,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import (
-    Engine,
-    EngineResult,
-    LossFunction,
-    ParameterStatistics,
-    batch_size_of,
-    model_inputs,
-    register_engine,
-)
+from ..model_checks import batch_size_of, model_inputs, sparse_gradients_reason
+from .base import Engine, EngineResult, LossFunction, ParameterStatistics, register_engine
 
 
 @register_engine
@@ -41,6 +34,14 @@ class GhostBatchEngine(Engine):
 
     name = "ghost_batch"
     auto_priority = None  # changes what BatchNorm computes: never chosen implicitly
+    units_are_examples = False  # the groups are the units (the constructor checks K >= 2)
+    handles_train_mode_batchnorm = True  # BatchNorm normalises within each group
+    reruns_model = True  # one forward per group
+    #: refused with a DistributedDataParallel model: GradientVariance bypasses DDP's
+    #: forward and its buffer broadcast, so the groups' BatchNorm updates would let the
+    #: ranks' running statistics drift apart, and every rank's share would have to split
+    #: into K equal groups
+    supports_distributed = False
 
     def __init__(self, groups: int = 8) -> None:
         if not isinstance(groups, int) or groups < 2:
@@ -49,8 +50,9 @@ class GhostBatchEngine(Engine):
 
     @classmethod
     def unsupported_reason(cls, model: nn.Module) -> str | None:
-        """Always ``None``: only ordinary forward and backward passes are used."""
-        return None  # any model: only ordinary forward/backward passes are used
+        """``None`` unless a trainable layer has sparse gradients: only ordinary forward
+        and backward passes are used."""
+        return sparse_gradients_reason(model)
 
     def compute(
         self,

@@ -40,14 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .base import (
-    Engine,
-    EngineResult,
-    LossFunction,
-    ParameterStatistics,
-    model_inputs,
-    register_engine,
-)
+from ..model_checks import model_inputs
+from .base import Engine, EngineResult, LossFunction, ParameterStatistics, register_engine
 
 
 @register_engine
@@ -56,7 +50,10 @@ class RankSpreadEngine(Engine):
 
     name = "rank_spread"
     auto_priority = None  # a different (much noisier) estimator: never chosen implicitly
-    #: read by GradientVariance: the units only exist after the all-reduce over the ranks
+    units_are_examples = False  # the ranks are the units
+    #: the units only exist after the all-reduce over the ranks
+    needs_distributed = True
+    #: the old spelling of ``needs_distributed``, still read by tests/test_unbiasedness.py
     units_are_ranks: ClassVar[bool] = True
 
     @classmethod

@@ -1,20 +1,21 @@
-"""The paper's four test problems (App. A) and two small real stand-ins, by name.
+"""The paper's four test problems (App. A), two small real stand-ins and a transformer, by name.
 
 ``PROBLEMS`` maps a name to a :class:`Problem`: how to build its model, load its data
 (real files or synthetic tensors of the same shapes), batch it, and its paper settings
 (batch size, steps, step-size schedule, L2, the paper's tuned step sizes). Details and the
 places where we deviate from the paper's text are in ``docs/problems.md``.
 
-=====================  ==========================  ==========  =====  =======  ==========
-name                   model                       parameters  batch  steps    schedule
-=====================  ==========================  ==========  =====  =======  ==========
-``fmnist_2c2d``        2 conv + 2 fc               3,274,634   64     6,000    constant
-``cifar10_3c3d``       3 conv + 3 fc, L2 0.002     895,210     128    40,000   constant
-``cifar100_wrn404``    WRN-40-4, L2 5e-4, BN       8,972,340   128    80,000   x0.2 at 30/60/80%
-``tolstoi_char_rnn``   2-layer LSTM char model     285,523     50     200,000  x0.1 at 62.5%
-``digits``             small CNN (sklearn digits)  13,706      32     1,000    constant
-``pydoc_char_rnn``     P4 model, CPython docs      vocab-dep.  50     2,000    x0.1 at 62.5%
-=====================  ==========================  ==========  =====  =======  ==========
+==============================  ==========================  ==========  =====  =======  ==========
+name                            model                       parameters  batch  steps    schedule
+==============================  ==========================  ==========  =====  =======  ==========
+``fmnist_2c2d``                 2 conv + 2 fc               3,274,634   64     6,000    constant
+``cifar10_3c3d``                3 conv + 3 fc, L2 0.002     895,210     128    40,000   constant
+``cifar100_wrn404``             WRN-40-4, L2 5e-4, BN       8,972,340   128    80,000   x0.2 at 30/60/80%
+``tolstoi_char_rnn``            2-layer LSTM char model     285,523     50     200,000  x0.1 at 62.5%
+``digits``                      small CNN (sklearn digits)  13,706      32     1,000    constant
+``pydoc_char_rnn``              P4 model, CPython docs      vocab-dep.  50     2,000    x0.1 at 62.5%
+``tolstoi_char_transformer``    4-block char transformer    812,160     32     2,000    constant
+==============================  ==========================  ==========  =====  =======  ==========
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from .models import (
     WideResNet,
     count_parameters,
 )
+from .transformer import CharTransformer, synthetic_war_and_peace
 
 Data = ImageData | TextData
 Batches = ImageBatches | CharBatches
@@ -108,10 +110,6 @@ class Problem:
             return self.build(len(data.vocabulary) if data is not None else self.num_outputs)
         return self.build(data.num_classes if data is not None else self.num_outputs)
 
-    def default_outputs(self) -> int:
-        """Classes (image problems) or vocabulary size (text problems) of the real data."""
-        return self.num_outputs
-
     def batches(self, data: Data, batch_size: int, seed: int) -> Batches:
         """The runner's batch provider for ``data``."""
         if self.kind == "text":
@@ -136,7 +134,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ``weight_decay``, and biases and BatchNorm parameters (``dim <= 1``) without.
 
     L2 goes into the optimizer (gradient ``+ λθ``), not the loss, so the loss stays a mean
-    of per-example terms and the within-batch variance is untouched (PROBLEMS.md).
+    of per-example terms and the within-batch variance is untouched (docs/problems.md).
     """
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
@@ -234,6 +232,20 @@ PROBLEMS: dict[str, Problem] = {
             milestones=(0.625,), lr_factor=0.1,
             lrs={"msgd": 3.0, "adam": 3e-3, "mssd": 1e-3, "msvag": 10.0},
             num_outputs=103,  # distinct characters of pydoc_data.topics (CPython 3.11)
+        ),
+        Problem(
+            name="tolstoi_char_transformer",
+            description=(
+                "P4's data with a decoder-only transformer (4 pre-norm blocks of width 128, "
+                "4 heads, context 64, tied head); not in the paper: steps, schedule and "
+                "step sizes are our placeholders until tuned (issue 15)"),
+            kind="text",
+            build=CharTransformer,
+            load_real=data_module.load_war_and_peace,
+            synthetic=synthetic_war_and_peace,
+            batch_size=32, steps=2000, eval_every=500, seq_len=64,
+            lrs={"msgd": 0.3, "adam": 1e-3, "mssd": 3e-4, "msvag": 0.3},
+            parameters=812_160, num_outputs=83,
         ),
     ]
 }

@@ -4,7 +4,8 @@ Loaders read the standard files from a data directory (see :func:`search_dirs`):
 Fashion-MNIST IDX files (gzipped or not), torchvision's pickled CIFAR layouts
 (``cifar-10-batches-py``, ``cifar-100-python``) and the Gutenberg *War and Peace* text.
 A missing file raises :class:`DataNotFoundError` naming the file, the folders searched and
-how to get it.
+how to get it; a damaged or inconsistent one (truncated, not gzip, labels out of range or
+not one per image) raises :class:`DataFileError` naming the file, when it is loaded.
 
 Batching is a pure function of the step index and the seed (the permutation of epoch ``e``
 and the augmentation of step ``k`` come from generators seeded by ``(seed, e)`` and
@@ -20,6 +21,7 @@ import pickle
 import struct
 import tarfile
 import urllib.request
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,34 +31,49 @@ import numpy as np
 import torch
 from torch import Tensor
 
-#: the repository's sibling folder ``../shared/data`` (where CI keeps War and Peace)
-_REPO_ROOT = Path(__file__).resolve().parents[3]
+#: folders searched for data files (separated by ``os.pathsep``) before the standard places
+DATA_PATH_VARIABLE = "MSVAG_DATA_DIR"
 
 
 class DataNotFoundError(FileNotFoundError):
     """A data file is missing; the message says which, where we looked, and how to get it."""
 
 
+class DataFileError(ValueError):
+    """A data file is damaged or does not fit its companions; the message names it."""
+
+
+_GET_AGAIN = "download it again (delete it and pass --download, or copy it anew)"
+
+
+def check_labels(images: Tensor, labels: Tensor, num_classes: int, images_file: str,
+                 labels_file: str) -> None:
+    """One label per image, each in ``[0, num_classes)``; a :class:`DataFileError` naming
+    the files otherwise."""
+    if labels.dim() != 1 or len(labels) != len(images):
+        raise DataFileError(f"{labels_file} holds {labels.numel()} labels for the "
+                            f"{len(images)} images of {images_file}: the files do not belong "
+                            "together; download both again (delete them and pass "
+                            "--download, or copy them anew)")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DataFileError(f"{labels_file} holds labels from {int(labels.min())} to "
+                            f"{int(labels.max())}, outside 0..{num_classes - 1}; {_GET_AGAIN}")
+
+
 def search_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
     """Folders searched for data files, in order.
 
-    With ``data_dir`` given, only that folder. Otherwise: ``$MSVAG_DATA_DIR`` (if set),
-    ``~/data``, ``./data``, ``/usr/share/datasets`` (Debian's ``dataset-*`` packages),
-    ``../shared/data`` next to the repository and next to the working directory.
-    Each folder is also searched in the dataset's usual subfolders (e.g. ``fashion-mnist``).
+    With ``data_dir`` given, only that folder. Otherwise: the folders listed in
+    ``$MSVAG_DATA_DIR`` (one, or several separated by ``os.pathsep``, ``:`` on POSIX),
+    then ``~/data``, ``./data`` and ``/usr/share/datasets`` (Debian's ``dataset-*``
+    packages). Each folder is also searched in the dataset's usual subfolders (e.g.
+    ``fashion-mnist``).
     """
     if data_dir is not None:
         return [Path(data_dir).expanduser()]
-    candidates = []
-    if os.environ.get("MSVAG_DATA_DIR"):
-        candidates.append(Path(os.environ["MSVAG_DATA_DIR"]).expanduser())
-    candidates += [
-        Path("~/data").expanduser(),
-        Path("data"),
-        Path("/usr/share/datasets"),
-        _REPO_ROOT.parent / "shared" / "data",
-        Path("..") / "shared" / "data",
-    ]
+    listed = os.environ.get(DATA_PATH_VARIABLE, "").split(os.pathsep)
+    candidates = [Path(folder).expanduser() for folder in listed if folder]
+    candidates += [Path("~/data").expanduser(), Path("data"), Path("/usr/share/datasets")]
     unique: list[Path] = []
     for path in candidates:
         if path not in unique:
@@ -135,23 +152,31 @@ _FASHION_MNIST_SUBDIRS = ("fashion-mnist", "FashionMNIST/raw", "fashion_mnist", 
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (``.gz`` or plain) into an array of its declared shape."""
+    """Read an IDX file (``.gz`` or plain) into an array of its declared shape; a damaged
+    file raises :class:`DataFileError` naming it."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+        shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    except (OSError, EOFError, zlib.error, struct.error) as error:  # BadGzipFile: OSError
+        reason = str(error) or type(error).__name__
+        raise DataFileError(f"{path} is not a readable IDX file ({reason}): it is truncated "
+                            f"or damaged; {_GET_AGAIN}") from error
     if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file (header {data[:4]!r})")
-    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+        raise DataFileError(f"{path} is not an unsigned-byte IDX file (header {data[:4]!r}); "
+                            f"{_GET_AGAIN}")
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != math.prod(shape):
-        raise ValueError(f"{path} is truncated: {array.size} bytes for shape {shape}")
+        raise DataFileError(f"{path} is truncated: {array.size} bytes for shape {shape}; "
+                            f"{_GET_AGAIN}")
     return array.reshape(shape)
 
 
 def load_fashion_mnist(data_dir=None, download: bool = False) -> ImageData:
     """Fashion-MNIST from its four IDX files, inputs scaled to [0, 1], shape (N, 1, 28, 28)."""
-    arrays = {}
+    arrays, paths = {}, {}
     for key, stem in FASHION_MNIST_FILES.items():
         names = (stem + ".gz", stem)
         how = ("Install the Debian package 'dataset-fashion-mnist' (files in "
@@ -165,9 +190,17 @@ def load_fashion_mnist(data_dir=None, download: bool = False) -> ImageData:
             path = _download_dir(data_dir) / "fashion-mnist" / (stem + ".gz")
             _download(_FASHION_MNIST_URL + stem + ".gz", path)
         arrays[key] = read_idx(path)
+        paths[key] = path
+    for key in ("train_x", "test_x"):
+        if arrays[key].ndim != 3 or arrays[key].shape[1:] != (28, 28):
+            raise DataFileError(f"{paths[key]} holds images of shape {arrays[key].shape[1:]}, "
+                                f"not 28x28: it is not a Fashion-MNIST file; {_GET_AGAIN}")
     images = {k: torch.from_numpy(arrays[k].astype(np.float32) / 255.0).unsqueeze(1)
               for k in ("train_x", "test_x")}
     labels = {k: torch.from_numpy(arrays[k].astype(np.int64)) for k in ("train_y", "test_y")}
+    for split in ("train", "test"):
+        check_labels(images[f"{split}_x"], labels[f"{split}_y"], 10, paths[f"{split}_x"],
+                     paths[f"{split}_y"])
     return ImageData(images["train_x"], labels["train_y"], images["test_x"],
                      labels["test_y"], 10)
 
@@ -183,13 +216,23 @@ _CIFAR = {
 }
 
 
-def _read_cifar_files(paths: list[Path], label_key: bytes) -> tuple[Tensor, Tensor]:
+def _read_cifar_files(paths: list[Path], label_key: bytes,
+                      num_classes: int) -> tuple[Tensor, Tensor]:
     images, labels = [], []
     for path in paths:
-        with open(path, "rb") as handle:
-            entry = pickle.load(handle, encoding="bytes")
-        images.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(entry[label_key], dtype=np.int64))
+        try:
+            with open(path, "rb") as handle:
+                entry = pickle.load(handle, encoding="bytes")
+            file_images = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            file_labels = np.asarray(entry[label_key], dtype=np.int64)
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError,
+                ValueError) as error:
+            raise DataFileError(f"{path} is not a readable CIFAR-{num_classes} batch "
+                                f"({type(error).__name__}: {error}); {_GET_AGAIN}") from error
+        check_labels(file_images, torch.from_numpy(file_labels), num_classes, str(path),
+                     str(path))
+        images.append(file_images)
+        labels.append(file_labels)
     x = torch.from_numpy(np.concatenate(images).astype(np.float32) / 255.0)
     return x, torch.from_numpy(np.concatenate(labels))
 
@@ -219,8 +262,10 @@ def load_cifar(num_classes: int, data_dir=None, download: bool = False) -> Image
     for name in train_names + test_names:
         if not (directory / name).is_file():
             raise DataNotFoundError(f"{what}: file '{name}' is missing in {directory}. {how}")
-    train_x, train_y = _read_cifar_files([directory / n for n in train_names], label_key)
-    test_x, test_y = _read_cifar_files([directory / n for n in test_names], label_key)
+    train_x, train_y = _read_cifar_files([directory / n for n in train_names], label_key,
+                                         num_classes)
+    test_x, test_y = _read_cifar_files([directory / n for n in test_names], label_key,
+                                       num_classes)
     return ImageData(train_x, train_y, test_x, test_y, num_classes)
 
 
@@ -246,7 +291,7 @@ def load_digits_data(test_fraction: float = 0.2) -> ImageData:
 # ---------------------------------------------------------------------------------------
 WAR_AND_PEACE_FILE = "war_and_peace.txt"
 _WAR_AND_PEACE_URL = "http://www.gutenberg.org/files/2600/2600-0.txt"
-#: checks of the preprocessing (PROBLEMS.md): characters, vocabulary, test characters
+#: checks of the preprocessing (docs/problems.md): characters, vocabulary, test characters
 WAR_AND_PEACE_CHARS = 3_266_185
 WAR_AND_PEACE_VOCAB = 83
 WAR_AND_PEACE_TEST_CHARS = 653_237
@@ -287,9 +332,8 @@ def encode_text(text: str, test_fraction: float = 0.2) -> TextData:
 
 def load_war_and_peace(data_dir=None, download: bool = False) -> TextData:
     """War and Peace as in DeepOBS ``tolstoi``: 3,266,185 characters, vocabulary 83."""
-    how = ("It is Project Gutenberg's #2600 (UTF-8, CRLF, 3,291,641 bytes); this project keeps "
-           "it at ../shared/data/war_and_peace.txt. Pass --data-dir DIR holding it, or "
-           "--download.")
+    how = ("It is Project Gutenberg's #2600 (UTF-8, CRLF, 3,291,641 bytes). Pass --data-dir "
+           "DIR holding it, list DIR in $MSVAG_DATA_DIR, or pass --download.")
     try:
         path = _find([WAR_AND_PEACE_FILE], ("tolstoi",), data_dir, "War and Peace", how)
     except DataNotFoundError:
@@ -297,8 +341,12 @@ def load_war_and_peace(data_dir=None, download: bool = False) -> TextData:
             raise
         path = _download_dir(data_dir) / WAR_AND_PEACE_FILE
         _download(_WAR_AND_PEACE_URL, path)
-    with open(path, encoding="utf-8", newline="") as handle:
-        text = preprocess_war_and_peace(handle.read())
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            text = preprocess_war_and_peace(handle.read())
+    except UnicodeDecodeError as error:
+        raise DataFileError(f"{path} is not UTF-8 text ({error}): it is not Gutenberg's "
+                            f"#2600 or it is damaged; {_GET_AGAIN}") from error
     if len(text) != WAR_AND_PEACE_CHARS:
         raise ValueError(
             f"{path} gives {len(text)} characters after preprocessing, expected "

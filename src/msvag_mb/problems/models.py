@@ -1,7 +1,7 @@
 """The networks of the paper's four test problems (App. A) and two small stand-ins.
 
-Each definition follows ``PROBLEMS.md`` (the paper-era DeepOBS code); the parameter counts
-are asserted in ``tests/test_problems.py``. TensorFlow's ``'SAME'`` padding is asymmetric
+Each definition follows ``docs/problems.md`` (the paper-era DeepOBS code); the parameter
+counts are asserted in ``tests/test_problems.py``. TensorFlow's ``'SAME'`` padding is asymmetric
 for stride 2 (extra pixel at the bottom/right); PyTorch's symmetric padding gives the same
 shapes with windows shifted by one pixel, which we accept.
 """
@@ -9,9 +9,33 @@ shapes with windows shifted by one pixel, which we accept.
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+
+@runtime_checkable
+class CarriesState(Protocol):
+    """A model that carries a state from one batch to the next (stateful truncated BPTT).
+
+    ``model(x)`` starts from the carried state and carries its (detached) final state on.
+    The runner starts each training epoch and each evaluation pass from a zero state
+    (:meth:`reset_state`), restores the training state after an evaluation and saves the
+    state in checkpoints (:meth:`get_state`, :meth:`set_state`). Under ``torchrun`` the
+    state must be a list with, per layer, ``None`` or a tuple of tensors holding the
+    examples along dim 1 (as ``nn.LSTM``'s ``(h, c)``): the checkpoint keeps the global
+    batch's. :class:`CharRNN` is one.
+    """
+
+    def get_state(self) -> Any:
+        """The carried state (for checkpoints and evaluation)."""
+
+    def set_state(self, state: Any) -> None:
+        """Restore a state from :meth:`get_state`."""
+
+    def reset_state(self) -> None:
+        """Forget the carried state: the next call starts from zeros."""
 
 
 def truncated_normal_(tensor: Tensor, std: float) -> Tensor:
@@ -171,7 +195,8 @@ class CharRNN(nn.Module):
     starts from the detached final ``(h, c)`` of the previous call, so ``model(x)`` maps a
     batch ``x`` of shape ``(B, T)`` to logits ``(B, T, V)`` and per-example gradient engines
     see an ordinary ``model(inputs)`` whose LSTMs receive a carried initial state.
-    :meth:`reset_state` starts from zeros (start of each epoch and evaluation pass).
+    :meth:`reset_state` starts from zeros (start of each epoch and evaluation pass): a
+    :class:`CarriesState`.
 
     Dropout (training only) follows TensorFlow's ``DropoutWrapper(input_keep_prob=0.8,
     output_keep_prob=0.8)`` around each of the two cells: on each layer's input (for layer 1,
@@ -262,7 +287,7 @@ class SequenceCrossEntropy(nn.Module):
     """Cross-entropy of logits ``(B, T, V)`` against targets ``(B, T)``, mean over B·T.
 
     Equal to the mean over the B sequences of each sequence's token-mean loss, so the
-    sequences are the examples of the per-example statistics (ALGORITHMS.md).
+    sequences are the examples of the per-example statistics (docs/maths.md).
     """
 
     def __init__(self) -> None:

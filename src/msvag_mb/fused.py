@@ -268,10 +268,13 @@ def _compile(config: KernelConfig, device: torch.device,
 def _scalars(values: list[float], device: torch.device, dtype: torch.dtype) -> Tensor:
     """The kernel's ``scalars``: the step's numbers, then their reciprocals (computed here,
     once per step, instead of once per loop iteration); float64 for float64 parameters,
-    float32 otherwise. One small host-to-device copy."""
+    float32 otherwise. One small host-to-device copy per step."""
     reciprocals = [1.0 / value if value else math.inf for value in values]
-    return torch.tensor(values + reciprocals, device=device,
-                        dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if device.type == "cuda":  # from pinned memory, without waiting for the device
+        return torch.tensor(values + reciprocals, dtype=dtype, pin_memory=True).to(
+            device, non_blocking=True)
+    return torch.tensor(values + reciprocals, device=device, dtype=dtype)
 
 
 def check_fusable(estimator: VarianceEstimator | None) -> None:

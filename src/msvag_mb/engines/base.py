@@ -29,8 +29,6 @@ from typing import Callable, ClassVar, Sequence
 from torch import Tensor, nn
 
 from ..model_checks import UnsupportedModelError
-# re-exported for the runner until it imports it from msvag_mb.model_checks (its home)
-from ..model_checks import train_mode_batchnorm  # noqa: F401
 
 __all__ = [
     "ENGINES",

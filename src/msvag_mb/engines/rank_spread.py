@@ -34,7 +34,7 @@ Limits:
 
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -53,8 +53,6 @@ class RankSpreadEngine(Engine):
     units_are_examples = False  # the ranks are the units
     #: the units only exist after the all-reduce over the ranks
     needs_distributed = True
-    #: the old spelling of ``needs_distributed``, still read by tests/test_unbiasedness.py
-    units_are_ranks: ClassVar[bool] = True
 
     @classmethod
     def unsupported_reason(cls, model: nn.Module) -> str | None:

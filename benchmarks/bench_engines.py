@@ -1,36 +1,51 @@
 """Cost of the within-batch variance, as a ratio to a plain forward+backward.
 
 Usage:  OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_engines.py [--quick] [--no-memory]
-            [--workloads mlp 2c2d ...] [--linear-variants]
+            [--workloads mlp 2c2d ...] [--linear-variants] [--overhead]
 
 (``benchmarks/run_all.py`` runs this and the optimizer-step comparison of ``bench_step.py``
 together: the command recorded in ``docs/benchmarks.md``.)
 
-Workloads (issue 4's shapes): MLP 784-512-512-10 at batch 128, the Fashion-MNIST 2c2d at 64,
-the CIFAR-10 3c3d at 128, and the char-LSTM (Embedding(83, 128), LSTM 2x128, Linear(128, 83))
-at batch 50 x 50 steps, both as the problem set's ``CharRNN`` (two single-layer nn.LSTMs
-with a carried state and dropout) and with one 2-layer ``nn.LSTM``.
+Workloads (the table ``WORKLOADS``; ``--workloads`` offers its keys):
+
+* issue 4's shapes: MLP 784-512-512-10 at batch 128, the Fashion-MNIST 2c2d at 64, the
+  CIFAR-10 3c3d at 128, and the char-LSTM (Embedding(83, 128), LSTM 2x128,
+  Linear(128, 83)) at batch 50 x 50 steps, both as the problem set's ``CharRNN`` (two
+  single-layer nn.LSTMs with a carried state and dropout) and with one 2-layer ``nn.LSTM``;
+* issue 13's modern architectures: the ``tolstoi_char_transformer`` problem's
+  ``CharTransformer`` (4 pre-norm blocks of width 128, tied head, bare positional
+  Parameter) at B=32, T=64; an ``nn.TransformerEncoder`` (2 layers, width 128, 4 heads,
+  batch-first, feed-forward 512, no dropout) between an Embedding and a read-out at
+  B=32, T=64; a 2-layer bidirectional ``nn.GRU`` (hidden 128) with a Linear read-out at
+  B=50, T=50; a small CNN with GroupNorm (two conv-GroupNorm-ReLU-pool blocks and a
+  Linear) on CIFAR-sized images at B=128.
 
 Methods, each producing the batch gradient and the within-batch variance
 ``(B sum_n c_n^2 - grad^2) / (B - 1)`` of every parameter:
 
-* every engine of ``msvag_mb`` that ``engine="auto"`` may pick (``extensions``: ours;
-  ``backpack``: BackPACK's SumGradSquared; ``vmap``: torch.func), as ``engine.compute`` plus
-  the variance formula;
-* ``backpack Variance``: BackPACK's own ``Variance`` extension;
-* ``GradientVariance``: the full user-facing ``GradientVariance.backward`` with engine
-  ``extensions`` (adds its NaN/Inf check and bookkeeping);
+* ``<engine>`` for every engine in ``msvag_mb.ENGINES`` that accepts the model (the
+  engine alone: ``engine.compute`` plus the variance formula in place);
+* ``backpack Variance``: BackPACK's own ``Variance`` extension, where the ``backpack``
+  engine accepts the model;
+* ``GV <engine>`` and ``GV auto``: the full user-facing
+  ``GradientVariance(model, loss_fn, engine=...).backward`` (adds its engine choice,
+  NaN/Inf check and bookkeeping); the engine ``auto`` picked is reported;
 
-against ``plain``: ``loss.backward()`` on the same batch. Methods that refuse a model (at
-construction or at run time) are listed as skipped. The methods run interleaved,
-round-robin, in a fresh process per workload, and the median is reported (the machine is
-shared and noisy).
+against ``plain``: ``loss.backward()`` on the same batch. A method that refuses a model
+(``unsupported_reason``, or at run time) is listed as skipped with the first line of the
+refusal. The methods run interleaved, round-robin, in a fresh process per workload, and
+the median is reported (the machine is shared and noisy).
 
 Peak memory: one child process (glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB, so
 every large tensor is returned to the OS when freed) runs each method once after a
 warm-up; the peak resident memory above the resident memory before the step
 (``/proc/self/status`` VmHWM after resetting it via ``/proc/self/clear_refs``) is the step's
 own peak. Reported: (method's peak - plain's peak) / plain's peak.
+
+``--overhead``: where the time between the engine alone and ``GradientVariance.backward``
+goes: the named steps of ``msvag_mb.gradient_variance`` (and what they call) timed with
+``time.perf_counter`` wrappers installed in a child process, interleaved with plain and the
+engine alone (see ``bench_overhead.py`` for the list).
 """
 
 from __future__ import annotations
@@ -45,15 +60,15 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
 import msvag_mb
-from msvag_mb.engines import ENGINES
 from msvag_mb.problems.models import CharRNN, CIFAR3C3D, FashionMNIST2C2D, SequenceCrossEntropy
+from msvag_mb.problems.transformer import CharTransformer
 
 
 class TwoLayerCharLSTM(nn.Module):
@@ -69,14 +84,68 @@ class TwoLayerCharLSTM(nn.Module):
         return self.output(self.lstm(self.embedding(tokens))[0])
 
 
+class EncoderCharModel(nn.Module):
+    """Embedding(83, 128) + ``nn.TransformerEncoder`` (2 post-norm layers, 4 heads,
+    feed-forward 512, batch-first, no dropout) + Linear(128, 83)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(83, 128)
+        layer = nn.TransformerEncoderLayer(128, 4, dim_feedforward=512, dropout=0.0,
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.output = nn.Linear(128, 83)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.output(self.encoder(self.embedding(tokens)))
+
+
+class BidirectionalGRU(nn.Module):
+    """One 2-layer bidirectional nn.GRU(128, 128) and a Linear(256, 83) per step (the model
+    of ``bench_recurrent.py``'s ``gru2bi``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(128, 128, num_layers=2, bidirectional=True, batch_first=True)
+        self.output = nn.Linear(256, 83)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.gru(x)[0])
+
+
+def _group_norm_cnn() -> nn.Module:
+    """3x32x32 -> conv 32, GroupNorm(8), ReLU, pool -> conv 64, GroupNorm(8), ReLU, pool
+    -> Linear(64 * 8 * 8, 10)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 10))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A bound that an issue sets on one method of one workload."""
+
+    method: str  # e.g. "extensions" (the engine alone) or "GV auto"
+    time: float | None  # at most this many times the plain step
+    memory: float | None = None  # extra peak memory at most this fraction of plain's peak
+    beat_others: bool = False  # also at most the best per-example method of the others
+    source: str = ""
+
+    def describe(self) -> str:
+        bounds = [f"<= {self.time}x"] if self.time is not None else []
+        bounds += [f"mem <= +{self.memory}"] if self.memory is not None else []
+        bounds += ["<= best other"] if self.beat_others else []
+        return f"{self.source}: {self.method} " + ", ".join(bounds)
+
+
 @dataclass
 class Workload:
     label: str
     model: Callable[[], nn.Module]
     loss_fn: nn.Module
     batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
-    #: issue 4's target for the extensions engine's time ratio (None: none set)
-    target: float | None
+    targets: tuple[Target, ...] = field(default_factory=tuple)
 
 
 def _mlp() -> nn.Module:
@@ -89,30 +158,87 @@ def _images(batch, channels, size, classes):
                         torch.randint(0, classes, (batch,), generator=gen))
 
 
-def _tokens(gen):
-    return (torch.randint(0, 83, (50, 50), generator=gen),
+def _tokens(batch, steps):
+    return lambda gen: (torch.randint(0, 83, (batch, steps), generator=gen),
+                        torch.randint(0, 83, (batch, steps), generator=gen))
+
+
+def _features(gen):
+    return (torch.randn(50, 50, 128, generator=gen),
             torch.randint(0, 83, (50, 50), generator=gen))
 
 
+def _issue4(time_ratio: float) -> Target:
+    return Target("extensions", time_ratio, beat_others=True, source="issue 4")
+
+
+def _issue14(time_ratio: float) -> Target:
+    return Target("GV auto", time_ratio, source="issue 14")
+
+
+#: issue 13 §4: GradientVariance with the chosen engine, for each modern architecture
+ISSUE13 = Target("GV auto", 1.6, memory=0.25, source="issue 13")
+
 WORKLOADS: dict[str, Workload] = {
     "mlp": Workload("MLP 784-512-512-10, B=128", _mlp, nn.CrossEntropyLoss(),
-                    _images(128, 1, 28, 10), 1.35),
+                    _images(128, 1, 28, 10), (_issue4(1.35), _issue14(1.55))),
     "2c2d": Workload("Fashion-MNIST 2c2d, B=64", FashionMNIST2C2D, nn.CrossEntropyLoss(),
-                     _images(64, 1, 28, 10), 1.6),
+                     _images(64, 1, 28, 10), (_issue4(1.6), _issue14(1.5))),
     "3c3d": Workload("CIFAR-10 3c3d, B=128", CIFAR3C3D, nn.CrossEntropyLoss(),
-                     _images(128, 3, 32, 10), 1.8),
+                     _images(128, 3, 32, 10), (_issue4(1.8), _issue14(1.5))),
     "char_rnn": Workload("char-LSTM P4 CharRNN (2 x nn.LSTM, carried state, dropout), "
-                         "B=50, T=50", CharRNN, SequenceCrossEntropy(), _tokens, 2.0),
+                         "B=50, T=50", CharRNN, SequenceCrossEntropy(), _tokens(50, 50),
+                         (_issue4(2.0), _issue14(1.5))),
     "lstm2": Workload("char-LSTM, one 2-layer nn.LSTM, B=50, T=50", TwoLayerCharLSTM,
-                      SequenceCrossEntropy(), _tokens, 2.0),
+                      SequenceCrossEntropy(), _tokens(50, 50), (_issue4(2.0), _issue14(1.5))),
+    "transformer": Workload("tolstoi_char_transformer CharTransformer (4 blocks, width 128, "
+                            "tied head), B=32, T=64", CharTransformer, SequenceCrossEntropy(),
+                            _tokens(32, 64), (ISSUE13,)),
+    "encoder": Workload("nn.TransformerEncoder (2 layers, width 128, 4 heads, batch-first), "
+                        "B=32, T=64", EncoderCharModel, SequenceCrossEntropy(),
+                        _tokens(32, 64), (ISSUE13,)),
+    "bigru": Workload("2-layer bidirectional nn.GRU 128 + Linear(256, 83), B=50, T=50",
+                      BidirectionalGRU, SequenceCrossEntropy(), _features, (ISSUE13,)),
+    "gn_cnn": Workload("CNN 2 x (conv, GroupNorm, ReLU, pool) + Linear, 3x32x32, B=128",
+                       _group_norm_cnn, nn.CrossEntropyLoss(), _images(128, 3, 32, 10),
+                       (ISSUE13,)),
 }
 
-#: engines compared with ours (column order of the tables)
-METHOD_ORDER = ["plain", "extensions", "backpack", "backpack Variance", "vmap",
-                "GradientVariance"]
-METHOD_LABELS = {"extensions": "ours (extensions)", "backpack": "BackPACK SumGradSquared",
-                 "backpack Variance": "BackPACK Variance", "vmap": "vmap",
-                 "GradientVariance": "ours via GradientVariance.backward"}
+AUTO = "auto"
+GV_PREFIX = "GV "
+BACKPACK_VARIANCE = "backpack Variance"
+
+
+def engine_names() -> list[str]:
+    """Every registered engine: those ``auto`` may pick in its order, then the others."""
+    engines = msvag_mb.ENGINES
+
+    def key(name):
+        priority = engines[name].auto_priority
+        return (priority is None, priority or 0, name)
+
+    return sorted(engines, key=key)
+
+
+def method_order() -> list[str]:
+    """Column order: plain, the engines alone, BackPACK's Variance, the full calls."""
+    names = engine_names()
+    return (["plain"] + names + [BACKPACK_VARIANCE]
+            + [GV_PREFIX + name for name in names] + [GV_PREFIX + AUTO])
+
+
+def method_label(method: str) -> str:
+    if method.startswith(GV_PREFIX):
+        return f"GradientVariance({method[len(GV_PREFIX):]})"
+    return method if method in ("plain", BACKPACK_VARIANCE) else f"{method} alone"
+
+
+def first_line(error: BaseException | str) -> str:
+    """The first line of a refusal, for the skipped list."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else ""
+    prefix = "" if isinstance(error, str) else f"{type(error).__name__}: "
+    return (prefix + line)[:300]
 
 
 def within_batch_variance_(grad, sum_grad_squared, batch: int):
@@ -124,7 +250,7 @@ def within_batch_variance_(grad, sum_grad_squared, batch: int):
 
 
 def build(name: str):
-    """(model, loss_fn, (x, y), extra modules whose grads the methods fill)."""
+    """(model, loss_fn, (x, y)) of workload ``name``, seeded."""
     workload = WORKLOADS[name]
     torch.manual_seed(0)
     model = workload.model()
@@ -136,85 +262,134 @@ def build(name: str):
     return model, workload.loss_fn, batch
 
 
-def methods(model: nn.Module, loss_fn) -> tuple[dict[str, Callable], list]:
-    """name -> callable(x, y) doing one forward+backward with (gradient and) variance;
-    only methods that accept ``model``. Also what holds their results between calls
-    (modules whose ``.grad`` they fill, the ``GradientVariance``)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+@dataclass
+class Methods:
+    """What :func:`methods` found for one model."""
+
+    runs: dict[str, Callable] = field(default_factory=dict)  # name -> run(x, y)
+    holders: list = field(default_factory=list)  # what holds results between calls
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> first line of refusal
+    gvs: dict[str, msvag_mb.GradientVariance] = field(default_factory=dict)
+
+
+def methods(model: nn.Module, loss_fn) -> Methods:
+    """Every method that accepts ``model`` (``unsupported_reason``; run-time refusals are
+    found by :func:`usable`), each a callable(x, y) doing one forward+backward with
+    (gradient and) variance, and the first line of each refusal."""
+    found = Methods(holders=[model])
 
     def plain(x, y):
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
 
-    found = {"plain": plain}
-    modules = [model]
-    for name, engine_cls in sorted(ENGINES.items()):
-        if engine_cls.auto_priority is None or engine_cls.unsupported_reason(model) is not None:
+    found.runs["plain"] = plain
+    _engines_alone(model, loss_fn, found)
+    _backpack_variance(model, loss_fn, found)
+    _full_calls(model, loss_fn, found)
+    return found
+
+
+def _engines_alone(model: nn.Module, loss_fn, found: Methods) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    reduction = getattr(loss_fn, "reduction", None)
+    for name in engine_names():
+        engine_cls = msvag_mb.ENGINES[name]
+        reason = engine_cls.unsupported_reason(model)
+        if reason is not None:
+            found.skipped[name] = first_line(reason)
             continue
         engine = engine_cls()
 
         def run(x, y, engine=engine):
-            result = engine.compute(model, loss_fn, x, y, params)
+            model.zero_grad(set_to_none=True)  # an engine may fill p.grad (backward())
+            result = engine.compute(model, loss_fn, x, y, params, reduction)
             return [within_batch_variance_(s.grad, s.sum_grad_squared, result.units)
                     for s in result.statistics.values()]
 
-        found[name] = run
-    if ENGINES["backpack"].unsupported_reason(model) is None:
-        from backpack import backpack, extend
-        from backpack.extensions import Variance
+        found.runs[name] = run
 
-        try:
-            extended = extend(copy.deepcopy(model))
-            extended_loss = extend(copy.deepcopy(loss_fn))
-        except Exception as error:  # noqa: BLE001 - report and measure the rest
-            print(f"  backpack Variance: skipped ({type(error).__name__}: {str(error)[:80]})")
-        else:
-            def backpack_variance(x, y):
-                extended.zero_grad(set_to_none=True)
-                with backpack(Variance()):
-                    extended_loss(extended(x), y).backward()
 
-            found["backpack Variance"] = backpack_variance
-            modules.append(extended)
-    if ENGINES["extensions"].unsupported_reason(model) is None:
-        gv = msvag_mb.GradientVariance(model, loss_fn, engine="extensions")
+def _backpack_variance(model: nn.Module, loss_fn, found: Methods) -> None:
+    if msvag_mb.ENGINES["backpack"].unsupported_reason(model) is not None:
+        found.skipped[BACKPACK_VARIANCE] = "the backpack engine refuses the model (above)"
+        return
+    from backpack import backpack, extend
+    from backpack.extensions import Variance
 
-        def full_api(x, y):
+    try:
+        extended = extend(copy.deepcopy(model))
+        extended_loss = extend(copy.deepcopy(loss_fn))
+    except Exception as error:  # noqa: BLE001 - report and measure the rest
+        found.skipped[BACKPACK_VARIANCE] = first_line(error)
+        return
+
+    def backpack_variance(x, y):
+        extended.zero_grad(set_to_none=True)
+        with backpack(Variance()):
+            extended_loss(extended(x), y).backward()
+
+    found.runs[BACKPACK_VARIANCE] = backpack_variance
+    found.holders.append(extended)
+
+
+def _full_calls(model: nn.Module, loss_fn, found: Methods) -> None:
+    for name in engine_names() + [AUTO]:
+        method = GV_PREFIX + name
+        reason = None if name == AUTO else msvag_mb.ENGINES[name].unsupported_reason(model)
+        if reason is not None:
+            found.skipped[method] = first_line(reason)
+            continue
+        gv = msvag_mb.GradientVariance(model, loss_fn, engine=name)
+
+        def full_call(x, y, gv=gv):
             gv.zero_grad()
             gv.backward(x, y)
 
-        found["GradientVariance"] = full_api
-        modules.append(gv)
-    return found, modules
+        found.runs[method] = full_call
+        found.holders.append(gv)
+        found.gvs[method] = gv
 
 
-def usable(runs: dict, batch) -> dict:
-    """Drop methods that refuse at run time (e.g. BackPACK with a carried LSTM state)."""
+def usable(found: Methods, batch) -> dict[str, Callable]:
+    """The methods that run on ``batch``: those refusing at run time (e.g. BackPACK with a
+    carried LSTM state, a layer the extensions cannot trace) move to ``found.skipped``."""
     keep = {}
-    for name, run in runs.items():
+    for name, run in found.runs.items():
         try:
             run(*batch)
             keep[name] = run
         except Exception as error:  # noqa: BLE001 - report and measure the rest
-            print(f"  {name}: skipped ({type(error).__name__}: {str(error)[:90]})")
+            found.skipped[name] = first_line(error)
     return keep
 
 
-def time_workload(name: str, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each usable method, interleaved round-robin, measured in
-    a fresh process per workload (as in training, where a process runs one model: the
-    allocator's state left by another model changed the LSTM's plain step by up to 30%)."""
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--time-child", name,
-                          str(repeats)], capture_output=True, text=True, check=True)
-    lines = out.stdout.rstrip().splitlines()
-    for line in lines[:-1]:
-        print(line)
-    return json.loads(lines[-1])
+def auto_pick(found: Methods, keep: dict) -> str | None:
+    """The engine ``GV auto`` used in its last call (None if it did not run)."""
+    gv = found.gvs.get(GV_PREFIX + AUTO)
+    return gv.engine_name if gv is not None and GV_PREFIX + AUTO in keep else None
 
 
-def _time_here(name: str, repeats: int) -> dict[str, float]:
+def _child(flag: str, names: list[str], env: dict | None = None) -> dict:
+    """Run this script with a hidden child ``flag``; its last stdout line is JSON."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), flag, *names],
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"child {flag} {' '.join(names)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.rstrip().splitlines()[-1])
+
+
+def time_workload(name: str, repeats: int) -> dict:
+    """``{"medians": seconds per call of each usable method, "skipped": {method: reason},
+    "auto": engine}``, interleaved round-robin, measured in a fresh process per workload
+    (as in training, where a process runs one model: the allocator's state left by another
+    model changed the LSTM's plain step by up to 30%)."""
+    return _child("--time-child", [name, str(repeats)])
+
+
+def _time_here(name: str, repeats: int) -> dict:
     model, loss_fn, batch = build(name)
-    runs = usable(methods(model, loss_fn)[0], batch)
+    found = methods(model, loss_fn)
+    runs = usable(found, batch)
     for run in runs.values():  # warm-up (the usable() call was the first)
         run(*batch)
     times = {method: [] for method in runs}
@@ -223,17 +398,18 @@ def _time_here(name: str, repeats: int) -> dict[str, float]:
             start = time.perf_counter()
             run(*batch)
             times[method].append(time.perf_counter() - start)
-    return {method: statistics.median(t) for method, t in times.items()}
+    return {"medians": {method: statistics.median(t) for method, t in times.items()},
+            "skipped": found.skipped, "auto": auto_pick(found, runs)}
 
 
 # -- peak memory ------------------------------------------------------------------------
-def _vm(field: str) -> int:
+def _vm(field_name: str) -> int:
     """``VmRSS`` / ``VmHWM`` of this process in KiB."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith(field + ":"):
+            if line.startswith(field_name + ":"):
                 return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
 def _clear(holders: list) -> None:
@@ -251,67 +427,141 @@ def _clear(holders: list) -> None:
 def step_peaks(name: str) -> dict[str, int]:
     """Peak resident memory (KiB) of one call of each method above the memory before it."""
     model, loss_fn, batch = build(name)
-    runs, modules = methods(model, loss_fn)
+    found = methods(model, loss_fn)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        runs = usable(runs, batch)
+        runs = usable(found, batch)
     peaks = {}
     for method, run in runs.items():
-        _clear(modules)
+        _clear(found.holders)
         run(*batch)  # warm-up: one-time allocations (kernel caches, lazy state)
-        _clear(modules)
+        _clear(found.holders)
         before = _vm("VmRSS")
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # reset VmHWM to the current VmRSS
         run(*batch)
         peaks[method] = _vm("VmHWM") - before
-        _clear(modules)
+        _clear(found.holders)
     return peaks
 
 
 def measure_memory(names: list[str]) -> dict[str, dict[str, int]]:
     """:func:`step_peaks` of every workload, in one child process (see module docstring)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", *names],
-                         capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _child("--memory-child", names, env=env)
 
 
 # -- tables ---------------------------------------------------------------------------
-def table(times: dict[str, dict[str, float]], peaks: dict[str, dict[str, int]] | None
-          ) -> list[str]:
-    """Markdown: time ratios (and extra peak memory) per workload and method, targets."""
-    present = [m for m in METHOD_ORDER if any(m in t for t in times.values()) and m != "plain"]
-    header = ["model", "plain ms"] + [METHOD_LABELS[m] for m in present] + [
-        "target (ours)", "met"]
+def _extra(peaks: dict[str, dict[str, int]] | None, name: str, method: str) -> float | None:
+    """(method's peak - plain's peak) / plain's peak, or None if not measured."""
+    row = (peaks or {}).get(name, {})
+    if method not in row or "plain" not in row:
+        return None
+    return (row[method] - row["plain"]) / max(row["plain"], 1)
+
+
+def _cell(result: dict, peaks, name: str, method: str) -> str:
+    medians = result["medians"]
+    if method not in medians:
+        return "refused"
+    cell = f"{medians[method] / medians['plain']:.2f}x"
+    extra = _extra(peaks, name, method)
+    return cell + (f" ({extra:+.2f})" if extra is not None else "")
+
+
+def _columns(times: dict[str, dict], wanted) -> list[str]:
+    """The wanted methods that ran on at least one workload (the others are only listed
+    as refused)."""
+    return [m for m in method_order() if wanted(m)
+            and any(m in r["medians"] for r in times.values())]
+
+
+def _met(target: Target, result: dict, peaks, name: str) -> str:
+    """``yes``/``no`` (with what failed) for one target; ``-`` if the method did not run."""
+    medians = result["medians"]
+    if target.method not in medians:
+        return "- (refused)"
+    ratio = medians[target.method] / medians["plain"]
+    failed = []
+    if target.time is not None and ratio > target.time:
+        failed.append("time")
+    extra = _extra(peaks, name, target.method)
+    if target.memory is not None and extra is not None and extra > target.memory:
+        failed.append("memory")
+    others = [medians[m] / medians["plain"] for m in medians
+              if m not in ("plain", target.method) and not m.startswith(GV_PREFIX)
+              and m in msvag_mb.ENGINES and msvag_mb.ENGINES[m].units_are_examples]
+    others += [medians[BACKPACK_VARIANCE] / medians["plain"]] if (
+        BACKPACK_VARIANCE in medians) else []
+    if target.beat_others and others and ratio > min(others):
+        failed.append("slower than another")
+    return "no (" + ", ".join(failed) + ")" if failed else "yes"
+
+
+def engines_table(times: dict[str, dict], peaks) -> list[str]:
+    """Markdown: the engines alone (and BackPACK's Variance) per workload."""
+    present = _columns(times, lambda m: m != "plain" and not m.startswith(GV_PREFIX))
+    header = ["model", "plain ms"] + [method_label(m) for m in present]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, medians in times.items():
-        plain = medians["plain"]
-        cells = [name, f"{1000 * plain:.1f}"]
-        for method in present:
-            if method not in medians:
-                cells.append("refused")
-                continue
-            cell = f"{medians[method] / plain:.2f}x"
-            if peaks is not None and method in peaks.get(name, {}):
-                extra = (peaks[name][method] - peaks[name]["plain"]) / max(
-                    peaks[name]["plain"], 1)
-                cell += f" ({extra:+.2f})"
-            cells.append(cell)
-        target = WORKLOADS[name].target
-        ours = medians.get("extensions", float("nan")) / plain
-        others = [medians[m] / plain for m in ("backpack", "backpack Variance", "vmap")
-                  if m in medians]
-        met = ours <= target and (not others or ours <= min(others))
-        cells += [f"<= {target}x" + (", <= best other" if others else ""),
-                  "yes" if met else "no"]
+    for name, result in times.items():
+        cells = [name, f"{1000 * result['medians']['plain']:.1f}"]
+        cells += [_cell(result, peaks, name, m) for m in present]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
+def full_calls_table(times: dict[str, dict], peaks) -> list[str]:
+    """Markdown: GradientVariance.backward per engine and with auto, and the targets."""
+    present = _columns(times, lambda m: m.startswith(GV_PREFIX))
+    header = (["model", "plain ms"] + [method_label(m) for m in present]
+              + ["auto picked", "targets", "met"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, result in times.items():
+        cells = [name, f"{1000 * result['medians']['plain']:.1f}"]
+        cells += [_cell(result, peaks, name, m) for m in present]
+        targets = WORKLOADS[name].targets
+        cells += [result.get("auto") or "-", "; ".join(t.describe() for t in targets),
+                  "; ".join(_met(t, result, peaks, name) for t in targets)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def overhead_table(times: dict[str, dict]) -> list[str]:
+    """Markdown: time of ``GradientVariance.backward`` over the engine alone, per engine."""
+    engines = [n for n in engine_names() if any(
+        n in r["medians"] and GV_PREFIX + n in r["medians"] for r in times.values())]
+    header = ["model"] + [f"GV({n}) / {n} alone" for n in engines]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, result in times.items():
+        medians = result["medians"]
+        cells = [name] + [
+            f"{medians[GV_PREFIX + n] / medians[n]:.2f} "
+            f"(+{(medians[GV_PREFIX + n] - medians[n]) / medians['plain']:.2f} plain)"
+            if n in medians and GV_PREFIX + n in medians else "-" for n in engines]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def skipped_list(times: dict[str, dict]) -> list[str]:
+    """Markdown bullets: each workload's refused methods and the refusal's first line."""
+    workloads: dict[tuple[str, str], list[str]] = {}  # (method, reason) -> workloads
+    for name, result in times.items():
+        skipped = result["skipped"]
+        for method, reason in skipped.items():
+            alone = method[len(GV_PREFIX):] if method.startswith(GV_PREFIX) else None
+            if alone is not None and skipped.get(alone) == reason:
+                continue  # refused alike alone: listed once, with the engine alone
+            both = skipped.get(GV_PREFIX + method) == reason
+            label = f"{method} (alone and in GradientVariance)" if both else method_label(
+                method)
+            workloads.setdefault((label, reason), []).append(name)
+    return [f"* {', '.join(names)}: {label}: {reason}"
+            for (label, reason), names in workloads.items()]
+
+
 def memory_table(peaks: dict[str, dict[str, int]]) -> list[str]:
-    present = [m for m in METHOD_ORDER if any(m in p for p in peaks.values())]
-    header = ["model"] + [f"{METHOD_LABELS.get(m, m)} MiB" for m in present]
+    present = [m for m in method_order() if any(m in p for p in peaks.values())]
+    header = ["model"] + [f"{method_label(m)} MiB" for m in present]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in peaks.items():
         lines.append("| " + " | ".join(
@@ -347,13 +597,36 @@ def run(names: list[str], repeats: int, memory: bool) -> list[str]:
     times = {}
     for name in names:
         print(f"[{name}] {WORKLOADS[name].label}", flush=True)
-        times[name] = time_workload(name, repeats)
-    peaks = measure_memory(names) if memory else None
-    lines = ["Time per forward+backward with variance / plain forward+backward (median of "
-             f"{repeats} interleaved repeats)" + ("; in brackets: extra peak memory of the "
-                                                  "step / plain step's own peak" if memory
-                                                  else "") + ":", ""]
-    lines += table(times, peaks)
+        try:
+            times[name] = time_workload(name, repeats)
+        except RuntimeError as error:  # a broken model or engine: report, measure the rest
+            print(f"  failed: {str(error)[-600:]}", flush=True)
+            continue
+        if times[name].get("auto"):
+            print(f"  auto picked: {times[name]['auto']}", flush=True)
+        for line in skipped_list({name: times[name]}):
+            print(f"  refused: {line[len('* ' + name + ': '):]}", flush=True)
+    if not times:
+        return ["(no workload could be measured)"]
+    peaks = None
+    if memory:
+        try:
+            peaks = measure_memory(list(times))
+        except RuntimeError as error:  # e.g. a module being edited: keep the times
+            print(f"memory: failed ({str(error)[-600:]})", flush=True)
+    bracket = ("; in brackets: extra peak memory of the step / plain step's own peak"
+               if memory else "")
+    lines = [f"Engines alone: time per forward+backward with variance / plain (median of "
+             f"{repeats} interleaved repeats){bracket}:", ""]
+    lines += engines_table(times, peaks)
+    lines += ["", f"The full `GradientVariance(model, loss_fn, engine=E).backward` call (same "
+              f"run){bracket}:", ""]
+    lines += full_calls_table(times, peaks)
+    lines += ["", "`GradientVariance.backward` over the engine alone (ratio, and the "
+              "difference in plain steps):", ""] + overhead_table(times)
+    skipped = skipped_list(times)
+    if skipped:
+        lines += ["", "Refused (first line of the refusal):", ""] + skipped
     if peaks is not None:
         lines += ["", "Peak memory of one step above the memory before it (MiB):", ""]
         lines += memory_table(peaks)
@@ -369,8 +642,12 @@ def main() -> None:
                         choices=list(WORKLOADS))
     parser.add_argument("--linear-variants", action="store_true",
                         help="also time bmm vs Gram for a Linear layer with a sequence dim")
+    parser.add_argument("--overhead", action="store_true",
+                        help="only: where GradientVariance.backward's time over the engine "
+                             "alone goes (named steps timed)")
     parser.add_argument("--memory-child", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--time-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--overhead-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     # BackPACK warns about containers and first layers on every call; the numbers matter here
     warnings.simplefilter("ignore", UserWarning)
@@ -380,8 +657,19 @@ def main() -> None:
     if args.memory_child is not None:
         print(json.dumps({name: step_peaks(name) for name in args.memory_child}))
         return
+    if args.overhead_child is not None:
+        import bench_overhead as overhead
+
+        print(json.dumps(overhead.profile_here(args.overhead_child[0],
+                                               int(args.overhead_child[1]))))
+        return
     repeats = args.repeats or (5 if args.quick else 15)
     print(header())
+    if args.overhead:
+        import bench_overhead as overhead
+
+        print("\n".join(overhead.run(args.workloads, repeats)))
+        return
     if args.linear_variants:
         linear_variants(repeats)
     print("\n".join(run(args.workloads, repeats, memory=not args.no_memory)))
@@ -390,7 +678,7 @@ def main() -> None:
 def header() -> str:
     return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"{os.cpu_count()} CPUs, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
-            "float32")
+            f"float32, load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

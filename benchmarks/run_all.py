@@ -1,14 +1,20 @@
-"""Issue 4's benchmark: every engine on the four shapes, and the optimizer step vs Adam.
+"""Issues 4, 13 and 14's benchmark: every engine on each workload, and the step vs Adam.
 
 Usage:  OMP_WAIT_POLICY=PASSIVE python benchmarks/run_all.py [--quick] [--no-memory]
-            [--no-step] [--no-first-step] [--workloads mlp 2c2d 3c3d char_rnn lstm2]
+            [--no-step] [--no-first-step]
+            [--workloads mlp 2c2d 3c3d char_rnn lstm2 transformer encoder bigru gn_cnn]
 
 One entry point for the two parts, each also runnable alone:
 
-* ``bench_engines.py``: forward+backward with within-batch variance (ours, BackPACK
-  SumGradSquared and Variance, vmap, and the full ``GradientVariance.backward``) as a
-  ratio to a plain forward+backward, interleaved, with the extra peak memory of each
-  method's step relative to the plain step's own peak (one child process);
+* ``bench_engines.py``: forward+backward with within-batch variance as a ratio to a plain
+  forward+backward, interleaved: every engine of ``msvag_mb.ENGINES`` alone (ours,
+  BackPACK's SumGradSquared, vmap, ghost batches), BackPACK's Variance, and the full
+  ``GradientVariance(model, loss_fn, engine=E).backward`` for every engine and ``"auto"``
+  (which engine it picked is printed); refusals listed by their first line; with the extra
+  peak memory of each method's step relative to the plain step's own peak (one child
+  process). The workloads (``--workloads``) are the keys of ``bench_engines.WORKLOADS``:
+  issue 4's four shapes and issue 13's modern architectures (the char transformer
+  problem's model, ``nn.TransformerEncoder``, a bidirectional ``nn.GRU``, a GroupNorm CNN);
 * ``bench_step.py``: the update of every member x estimator (without flags, and the
   compiled kernel alone) against ``torch.optim.Adam`` with ``fused=True``, ``foreach=True``
   and without flags, on the 3c3d parameters, 20 x 1M and 200 small tensors, interleaved;

@@ -1,4 +1,4 @@
-"""``nn.Conv1d`` / ``nn.Conv2d``: ``sum_n c_n**2`` from the input X and output gradient G.
+"""``nn.Conv1d/2d/3d``: ``sum_n c_n**2`` from the input X and the output gradient G.
 
 Example n's weight contribution is the weight gradient of the convolution applied to that
 example alone; its bias contribution is ``sum_l G_n[:, l]`` over the output locations l.
@@ -8,15 +8,17 @@ then squared and summed:
 * grouped convolution: fold the examples into the channels, ``(1, B*in, *S)``, and take the
   weight gradient of a convolution with ``B * groups`` groups: one oneDNN/ATen kernel;
 * unfold: a convolution is a Linear layer applied to the unfolded input patches
-  ``U_n = unfold(X_n)`` ``(in*k, L)``, so the contribution is ``G_n U_n^T``, one ``bmm``.
+  ``U_n = unfold(X_n)`` ``(in*k, L)``, so the contribution is ``G_n U_n^T``, one ``bmm``
+  (``F.unfold`` exists for 2-d inputs only; :func:`patches` builds them for 1, 2 or 3
+  spatial dims).
 
 The per-example weights of a chunk of examples are squared and summed while they are
 still in cache (:data:`~msvag_mb.extensions.core.CACHE_BUDGET_ELEMENTS` bounds a chunk's
 per-example weights); the patches are built from ``Tensor.unfold`` windows with one copy
 (faster than ``F.unfold``); unfold + bmm is used for small patches, where it beat the
 grouped convolution, and the grouped convolution for large ones
-(:data:`GROUPED_MIN_PATCH`). The measurements behind these choices are in
-docs/benchmarks.md, "Measured choices in the extensions".
+(:data:`GROUPED_MIN_PATCH`; :data:`GROUPED_MIN_PATCH_3D` for Conv3d). The measurements
+behind these choices are in docs/benchmarks.md, "Measured choices in the extensions".
 
 Non-zero padding modes and ``padding='same'`` (possibly asymmetric) are applied with
 ``F.pad`` exactly as the module's forward does.
@@ -46,8 +48,13 @@ from .core import (
 #: unfold + bmm won on small patches, the grouped convolution on large ones (measured)
 GROUPED_MIN_PATCH = 256
 
+#: the same threshold for Conv3d, whose unfolded patches (``prod(kernel_size)`` copies of
+#: the input, 27 for a 3x3x3 kernel) cost more to build: the grouped convolution won from
+#: fewer input values per patch (measured)
+GROUPED_MIN_PATCH_3D = 128
 
-def _padded(module: nn.Conv1d | nn.Conv2d, inputs: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+
+def _padded(module: nn.modules.conv._ConvNd, inputs: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """The input and the zero padding that remains to apply, exactly as the module's
     forward pads: symmetric zero padding is left to the kernel, anything else (padding
     modes, possibly asymmetric ``'same'``) is applied here with ``F.pad``."""
@@ -58,7 +65,7 @@ def _padded(module: nn.Conv1d | nn.Conv2d, inputs: Tensor) -> tuple[Tensor, tupl
     return inputs, (0,) * len(module.kernel_size)
 
 
-def _per_example_by_grouped_conv(module: nn.Conv1d | nn.Conv2d, inputs: Tensor,
+def _per_example_by_grouped_conv(module: nn.modules.conv._ConvNd, inputs: Tensor,
                                  padding: tuple[int, ...], grad_output: Tensor) -> Tensor:
     """Per-example weight gradients ``(B, out, in/groups, *k)`` as the weight gradient of
     one convolution whose groups are (example, group) pairs: the batch is folded into the
@@ -75,8 +82,9 @@ def _per_example_by_grouped_conv(module: nn.Conv1d | nn.Conv2d, inputs: Tensor,
     return per_example.view(batch, *module.weight.shape)
 
 
-def _patches(inputs: Tensor, kernel_size, dilation, stride, padding) -> Tensor:
-    """``F.unfold``'s patches ``(B, C * prod(kernel_size), L)`` (also for Conv1d), built from
+def patches(inputs: Tensor, kernel_size, dilation, stride, padding) -> Tensor:
+    """``F.unfold``'s patches ``(B, C * prod(kernel_size), L)`` (also for 1 and 3 spatial
+    dims; ``padding``: symmetric zero padding per spatial dim), built from
     ``Tensor.unfold`` windows and one copy (measured faster than ``F.unfold``)."""
     if any(padding):
         pads = [side for p in reversed(padding) for side in (p, p)]
@@ -92,27 +100,28 @@ def _patches(inputs: Tensor, kernel_size, dilation, stride, padding) -> Tensor:
     return windows.permute(order).reshape(batch, channels * math.prod(kernel_size), -1)
 
 
-def _per_example_by_unfold(module: nn.Conv1d | nn.Conv2d, inputs: Tensor,
+def _per_example_by_unfold(module: nn.modules.conv._ConvNd, inputs: Tensor,
                            padding: tuple[int, ...], grad_output: Tensor) -> Tensor:
     """Per-example weight gradients ``(B, out, in/groups, *k)`` as ``G_n U_n^T`` with the
     unfolded input patches ``U_n``."""
-    patches = _patches(inputs, module.kernel_size, module.dilation, module.stride, padding)
+    unfolded = patches(inputs, module.kernel_size, module.dilation, module.stride, padding)
     batch, groups = inputs.shape[0], module.groups
     out_per_group = module.out_channels // groups
     patch_per_group = module.weight[0].numel()  # in_channels/groups * prod(kernel_size)
-    locations = patches.shape[-1]
+    locations = unfolded.shape[-1]
     per_example = torch.bmm(
         grad_output.reshape(batch * groups, out_per_group, locations),
-        patches.view(batch * groups, patch_per_group, locations).transpose(1, 2))
+        unfolded.view(batch * groups, patch_per_group, locations).transpose(1, 2))
     return per_example.view(batch, *module.weight.shape)
 
 
-def conv_weight_sum_grad_squared(module: nn.Conv1d | nn.Conv2d, inputs: Tensor,
+def conv_weight_sum_grad_squared(module: nn.modules.conv._ConvNd, inputs: Tensor,
                                  grad_output: Tensor) -> Tensor:
     """``sum_n (per-example weight gradient)**2``, shaped like ``module.weight``."""
     inputs, padding = _padded(module, inputs)
     locations = grad_output[0, 0].numel()
-    grouped = module.weight[0].numel() >= GROUPED_MIN_PATCH
+    threshold = GROUPED_MIN_PATCH_3D if len(module.kernel_size) == 3 else GROUPED_MIN_PATCH
+    grouped = module.weight[0].numel() >= threshold
     per_example_weights = _per_example_by_grouped_conv if grouped else _per_example_by_unfold
     batch = inputs.shape[0]
     # per-example weights of one chunk stay in cache while squared and summed; the
@@ -139,13 +148,14 @@ def conv_bias_sum_grad_squared(grad_output: Tensor) -> Tensor:
 
 @register_extension
 class ConvExtension(OutputGradientExtension):
-    """``nn.Conv1d`` and ``nn.Conv2d`` with any padding, stride, dilation and groups."""
+    """``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` with any padding (and padding mode),
+    stride, dilation and groups."""
 
-    module_types = (nn.Conv1d, nn.Conv2d)
+    module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
     def batch_axis(self, module: nn.Module, inputs: Tensor, context: LayerContext) -> int:
         """Dim 0; an unbatched input (no examples dim) is refused."""
-        if inputs.dim() != (3 if isinstance(module, nn.Conv1d) else 4):
+        if inputs.dim() != 2 + len(module.kernel_size):
             raise unbatched_input_error(context.name, type(module).__name__, inputs.shape)
         return super().batch_axis(module, inputs, context)
 

@@ -44,6 +44,22 @@ def embedding_sum_grad_squared(indices: Tensor, grad_output: Tensor, num_embeddi
     return result.index_add_(0, distinct % num_embeddings, per_pair.square_())
 
 
+def embedding_per_example(indices: Tensor, grad_output: Tensor, num_embeddings: int,
+                          padding_idx: int | None = None) -> Tensor:
+    """The contributions themselves, ``(B, num_embeddings, D)``: ``c_n[v]`` is the sum of
+    the output gradients where example n looks up row v (one ``index_add``, no one-hot),
+    for ``indices`` ``(B, *)`` and ``grad_output`` ``(B, *, D)``."""
+    batch, dim = indices.shape[0], grad_output.shape[-1]
+    rows = indices.reshape(batch, -1)
+    keys = rows + num_embeddings * torch.arange(batch, device=rows.device).unsqueeze(1)
+    keys, grads = keys.reshape(-1), grad_output.reshape(-1, dim)
+    if padding_idx is not None:
+        used = rows.reshape(-1) != padding_idx
+        keys, grads = keys[used], grads[used]
+    table = grads.new_zeros(batch * num_embeddings, dim).index_add_(0, keys, grads)
+    return table.view(batch, num_embeddings, dim)
+
+
 @register_extension
 class EmbeddingExtension(OutputGradientExtension):
     """``nn.Embedding`` (dense gradients), with or without ``padding_idx`` and ``max_norm``."""
@@ -73,3 +89,12 @@ class EmbeddingExtension(OutputGradientExtension):
             return {}
         return {"weight": embedding_sum_grad_squared(inputs, grad_output,
                                                      module.num_embeddings, module.padding_idx)}
+
+    def per_example_contributions(self, module: nn.Module, inputs: Tensor,
+                                  grad_output: Tensor,
+                                  requested: frozenset[str]) -> dict[str, Tensor]:
+        """``c_n`` of the table (see :func:`embedding_per_example`)."""
+        if "weight" not in requested:
+            return {}
+        return {"weight": embedding_per_example(inputs, grad_output, module.num_embeddings,
+                                                module.padding_idx)}

@@ -74,6 +74,18 @@ def linear_sum_grad_squared(inputs: Tensor, grad_output: Tensor, weight: bool = 
     return weight_sq, bias_sq
 
 
+def linear_per_example(inputs: Tensor, grad_output: Tensor, weight: bool = True,
+                       bias: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """The contributions themselves, ``(B, out, in)`` for the weight (``G_n^T X_n``, one
+    ``bmm``) and ``(B, out)`` for the bias (``sum_t G_n[t]``), ``None`` where not wanted,
+    for inputs ``(B, *, in)`` and output gradients ``(B, *, out)``."""
+    batch = inputs.shape[0]
+    x = inputs.reshape(batch, -1, inputs.shape[-1])
+    g = grad_output.reshape(batch, -1, grad_output.shape[-1])
+    return (torch.bmm(g.transpose(1, 2), x) if weight else None,
+            g.sum(1) if bias else None)
+
+
 @register_extension
 class LinearExtension(OutputGradientExtension):
     """``nn.Linear`` with any number of extra (sequence) dims between batch and features."""
@@ -99,3 +111,12 @@ class LinearExtension(OutputGradientExtension):
         if bias_sq is not None:
             result["bias"] = bias_sq
         return result
+
+    def per_example_contributions(self, module: nn.Module, inputs: Tensor,
+                                  grad_output: Tensor,
+                                  requested: frozenset[str]) -> dict[str, Tensor]:
+        """``c_n`` of ``weight`` and ``bias`` (see :func:`linear_per_example`)."""
+        weight, bias = linear_per_example(inputs, grad_output, "weight" in requested,
+                                          "bias" in requested)
+        return {name: value for name, value in (("weight", weight), ("bias", bias))
+                if value is not None}

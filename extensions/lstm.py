@@ -1,362 +1,179 @@
-"""``nn.LSTM``: per-example ``sum_n c_n**2`` from the per-time-step gate gradients.
+"""``nn.LSTM``: the cell equations for the shared recurrent machinery (``recurrent.py``).
 
-For one layer with input ``x_t``, previous hidden state ``h_{t-1}`` (``h_{-1} = h0``, the
-carried initial state when one is passed) and gate pre-activations
-``a_t = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh`` (gate order i, f, g, o as in PyTorch),
-example n's contributions are
+PyTorch's LSTM, gate order i, f, g, o: with ``a_t = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh``,
 
-    W_ih: sum_t da_nt x_nt^T      W_hh: sum_t da_nt h_n,t-1^T      b_ih, b_hh: sum_t da_nt
+    i, f, o = sigma(a_i), sigma(a_f), sigma(a_o)      g = tanh(a_g)
+    c_t = f c_{t-1} + i g                             m_t = o tanh(c_t)
+    h_t = m_t, or h_t = W_hr m_t with proj_size > 0
 
-where ``da_nt`` is the gradient of the batch loss w.r.t. ``a_nt``. nn.LSTM's fused kernels do
-not expose ``da`` (and ``torch.func.vmap`` over them gives wrong per-example gradients), so
-while the statistics are collected the module's forward is temporarily replaced by one
-built from :class:`LSTMLayerFunction` per layer, with the module's own weights: its
-forward is PyTorch's fused single-layer kernel, its backward recomputes the gates and
-backpropagates through time by hand, which yields ``da`` for all steps. The per-example
-matrices ``da_n^T [x_n, h_n,prev]`` are then formed by ``bmm`` in cache-sized chunks of
-examples, squared for the statistics and summed for the weight gradients (which need the
-same multiply-adds anyway).
+Both sides of ``a_t`` have the same gradient ``da_t``. The backward recomputes the gates of
+all steps at once from the saved outputs (``h_{t-1}`` is known for every t: one matmul per
+side, not a loop), runs the cell-state recursion, then backpropagates through time by hand:
 
-Examples are the sequences along the batch axis (dim 0 with ``batch_first=True``, else
-dim 1); row n of ``(h0, c0)`` belongs to example n. Refused: bidirectional, ``proj_size``,
-inter-layer dropout in train mode, packed or unbatched input.
+    dm_t = dh_t  (W_hr^T dh_t with a projection)
+    dc_t = dc_{t+1} f_{t+1} + dm_t o (1 - tanh(c_t)^2)
+    da_o = dm_t tanh(c_t) sigma'(a_o)   da_i = dc_t g sigma'(a_i)
+    da_f = dc_t c_{t-1} sigma'(a_f)     da_g = dc_t i (1 - g^2)
+    dh_{t-1} = (output gradient at t - 1) + da_t W_hh
+
+The recomputed gates are written into one buffer that becomes all step-independent factors
+in place, its first four slots then ``da`` during the recursion (:data:`_SLOTS`).
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Callable, NamedTuple
-
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
 
-from msvag_mb.model_checks import UnsupportedModelError
-
-from .core import (
-    CACHE_BUDGET_ELEMENTS,
-    LayerContext,
-    ModuleExtension,
-    Removable,
-    at_most_threads,
-    chunk_size,
-    register_extension,
+from .core import register_extension
+from .recurrent import (
+    CellGradients,
+    LayerWeights,
+    RecurrentCell,
+    RecurrentExtension,
+    Steps,
+    carry_back,
+    fast_tanh_,
+    fused_layer,
+    gate_buffer,
+    initial_gradient,
+    loop_threads,
+    previous_hidden,
 )
 
-#: emit(weight_ih_sq, weight_hh_sq, bias_sq) for one layer, or None: no statistics wanted
-LayerEmitter = Callable[[Tensor, Tensor, Tensor | None], None]
+
+#: the slots of the factor buffer, each ``(T, B, H)``: the gate gradients divided by the
+#: cell-state gradient (i, f, g) or by dm (o), in gate order, so that the first four slots
+#: become ``da`` in place; then dc/dm = o (1 - tanh(c)^2) and the forget gate f
+_SLOTS = 6
 
 
-class LSTMLayerFunction(torch.autograd.Function):
-    """One LSTM layer: ``(x (T,B,in), W_ih, W_hh, b_ih, b_hh, h0, c0, emit)`` ->
-    ``(output (T,B,H), h_T, c_T)``; its backward also reports per-example statistics.
-
-    The forward is PyTorch's own fused LSTM kernel (no autograd inside). The backward
-    recomputes the gates of all steps at once from the saved outputs (``h_{t-1}`` is known
-    for every t, so this is one matmul, not a loop), runs the cell-state recursion, then
-    backpropagates through time by hand to get ``da`` for every step.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
-                bias_hh: Tensor | None, h0: Tensor, c0: Tensor,
-                emit: LayerEmitter | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Run one LSTM layer with the fused kernel; save its inputs and outputs for backward."""
-        weights = [weight_ih, weight_hh] + ([bias_ih, bias_hh] if bias_ih is not None else [])
-        output, h_last, c_last = torch.lstm(
-            x, (h0.unsqueeze(0), c0.unsqueeze(0)), weights, bias_ih is not None,
-            1, 0.0, False, False, False)  # one layer, no dropout, eval, unidirectional, (T,B,F)
-        bias = bias_ih + bias_hh if bias_ih is not None else None
-        ctx.save_for_backward(x, weight_ih, weight_hh, bias, h0, c0, output)
-        ctx.emit = emit
-        return output, h_last[0], c_last[0]
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor | None, grad_h_last: Tensor | None,
-                 grad_c_last: Tensor | None):
-        """Backpropagate through time; emit ``sum_n c_n**2`` for the layer's parameters."""
-        x, weight_ih, weight_hh, bias, h0, c0, output = ctx.saved_tensors
-        stacked = _stack_inputs(x, h0, output)  # (B, T, in + H)
-        factors = _gate_factors(stacked, weight_ih, weight_hh, bias, c0)
-        if grad_output is None:
-            grad_output = torch.zeros_like(output)
-        d_pre, dh0, dc0 = _backprop_through_time(factors, grad_output, grad_h_last,
-                                                 grad_c_last, c0, weight_hh)
-        del factors  # free the gate buffers before the per-example matrices (peak memory)
-        needs = ctx.needs_input_grad
-        grad_x, grad_weight_ih, grad_weight_hh, grad_bias = _parameter_gradients(
-            ctx, d_pre, stacked, weight_ih, with_bias=bias is not None)
-        return (grad_x, grad_weight_ih if needs[1] else None,
-                grad_weight_hh if needs[2] else None,
-                grad_bias if needs[3] else None, grad_bias if needs[4] else None,
-                dh0 if needs[5] else None, dc0 if needs[6] else None, None)
+def _cell_states(input_times_g: Tensor, forget: Tensor, c0: Tensor, steps: Steps) -> Tensor:
+    """``(T + 1, B, H)``: ``[c_{-1} = c0, c_0, ..., c_{T-1}]`` by ``c_t = f_t c_{t-1} + i_t
+    g_t``; a row inactive at step t (packed) keeps its cell state."""
+    length, batch, hidden = input_times_g.shape
+    cells = torch.empty(length + 1, batch, hidden, dtype=c0.dtype, device=c0.device)
+    cells[0] = c0
+    for t in range(length):
+        active = steps.active(t)
+        torch.addcmul(input_times_g[t, :active], forget[t, :active], cells[t, :active],
+                      out=cells[t + 1, :active])
+        if active < batch:
+            cells[t + 1, active:] = cells[t, active:]
+    return cells
 
 
-class _GateFactors(NamedTuple):
-    """The step-independent factors of one layer's chain rule, all ``(B, T, ., H)``."""
-
-    forget: Tensor  # f_t
-    dc_from_dh: Tensor  # o_t (1 - tanh(c_t)^2)
-    do_from_dh: Tensor  # tanh(c_t) sigma'(a_o)
-    ifg_from_dc: Tensor  # (g_t sigma'(a_i), c_{t-1} sigma'(a_f), i_t (1 - g_t^2))
-
-
-def _gate_factors(stacked: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
-                  c0: Tensor) -> _GateFactors:
-    """Recompute the gates of all steps at once from ``stacked = [x_t, h_{t-1}]``, run the
-    cell-state recursion and return the chain rule's step-independent factors."""
-    batch, steps = stacked.shape[:2]
-    hidden = weight_hh.shape[1]
-    # Every elementwise kernel over a (B, T, ., H) tensor wakes the worker threads and
-    # every fresh multi-MB tensor is page-faulted in: the gate maths below works in
-    # place on buffers this function owns and fuses products with addcmul.
-    weight = torch.cat([weight_ih, weight_hh], dim=1)  # (4H, in + H)
-    flat = stacked.view(batch * steps, -1)
-    gates = (torch.addmm(bias, flat, weight.t()) if bias is not None
-             else torch.mm(flat, weight.t())).view(batch, steps, 4, hidden)
-    # tanh(a) = 2 sigmoid(2a) - 1 (see _tanh): one sigmoid over all four slots
-    gates[:, :, 2].mul_(2)
-    gates.sigmoid_()
-    g = gates[:, :, 2].mul_(2).sub_(1)  # the g slot now holds tanh(a_g)
-    i, f, o = gates[:, :, 0], gates[:, :, 1], gates[:, :, 3]
-    input_times_g = i * g
-    # cells[:, t + 1] = c_t, cells[:, 0] = c_{-1} = c0: c_{t-1} is a view, no copy
-    all_cells = torch.empty(batch, steps + 1, hidden, dtype=g.dtype, device=g.device)
-    all_cells[:, 0] = c0
-    c = c0
-    for t in range(steps):  # c_t = f_t c_{t-1} + i_t g_t
-        c = torch.addcmul(input_times_g[:, t], f[:, t], c, out=all_cells[:, t + 1])
-    cells, previous_cells = all_cells[:, 1:], all_cells[:, :-1]
-    tanh_cells = _tanh(cells)
-    sigmoid_slope = torch.addcmul(gates, gates, gates, value=-1)  # sigma (1 - sigma)
-    o_tanh_cells = o * tanh_cells
-    dc_from_dh = torch.addcmul(o, o_tanh_cells, tanh_cells, value=-1)  # o (1 - tanh^2)
-    # tanh(c) sigma'(a_o), into the buffer of o tanh(c), which is no longer needed
-    do_from_dh = torch.mul(tanh_cells, sigmoid_slope[:, :, 3], out=o_tanh_cells)
-    ifg_from_dc = torch.empty(batch, steps, 3, hidden, dtype=g.dtype, device=g.device)
-    torch.mul(g, sigmoid_slope[:, :, 0], out=ifg_from_dc[:, :, 0])
-    torch.mul(previous_cells, sigmoid_slope[:, :, 1], out=ifg_from_dc[:, :, 1])
-    torch.addcmul(i, input_times_g, g, value=-1, out=ifg_from_dc[:, :, 2])  # i (1 - g^2)
-    return _GateFactors(f, dc_from_dh, do_from_dh, ifg_from_dc)
+def _gates(x: Tensor, previous: Tensor, weights: LayerWeights, out: Tensor) -> Tensor:
+    """``i, f, g, o`` of all steps at once from ``x_t`` and ``h_{t-1}``, written into
+    ``out`` ``(T, B, 4, H)`` (a view of the factor buffer; its rows may be strided)."""
+    rows = out.flatten(0, 1).flatten(1)
+    flat = x.flatten(0, 1)
+    if weights.bias_ih is not None:
+        torch.addmm(weights.bias_ih + weights.bias_hh, flat, weights.weight_ih.t(), out=rows)
+    else:
+        torch.mm(flat, weights.weight_ih.t(), out=rows)
+    rows.addmm_(previous.flatten(0, 1), weights.weight_hh.t())
+    # tanh(a) = 2 sigmoid(2a) - 1 (see fast_tanh_): one sigmoid over all four slots
+    out[:, :, 2].mul_(2)
+    out.sigmoid_()
+    out[:, :, 2].mul_(2).sub_(1)  # the g slot now holds tanh(a_g)
+    return out
 
 
-def _backprop_through_time(factors: _GateFactors, grad_output: Tensor,
-                           grad_h_last: Tensor | None, grad_c_last: Tensor | None, c0: Tensor,
-                           weight_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(da (B, T, 4H), dL/dh0, dL/dc0)`` by the step-by-step recursion, last step first."""
-    steps, batch, hidden = grad_output.shape
-    f = factors.forget
-    dh = grad_output[steps - 1] if grad_h_last is None else \
-        grad_output[steps - 1] + grad_h_last
-    dc_next = grad_c_last if grad_c_last is not None else torch.zeros_like(c0)
-    d_pre = torch.empty(batch, steps, 4, hidden, dtype=f.dtype, device=f.device)  # da
-    with at_most_threads(LOOP_THREADS if f.device.type == "cpu" else None):
-        for t in range(steps - 1, -1, -1):  # dh: gradient w.r.t. h_t, all paths
-            dc = torch.addcmul(dc_next, dh, factors.dc_from_dh[:, t])
-            torch.mul(factors.ifg_from_dc[:, t], dc.unsqueeze(1), out=d_pre[:, t, :3])
-            torch.mul(dh, factors.do_from_dh[:, t], out=d_pre[:, t, 3])
-            dc_next = dc * f[:, t]
-            d_pre_t = d_pre[:, t].view(batch, 4 * hidden)
+def _gate_factors(x: Tensor, previous: Tensor, weights: LayerWeights, c0: Tensor,
+                  steps: Steps) -> tuple[Tensor, Tensor | None]:
+    """``(factors (T, B, 6, H) in the slots of :data:`_SLOTS`, m_t = o_t tanh(c_t) for a
+    projection or None)``: the gates recomputed from ``x_t`` and ``h_{t-1}``, the
+    cell-state recursion run, and the chain rule's step-independent factors."""
+    # One buffer holds the gates and becomes the factors in place (each gate is read for
+    # the last time as its slot is overwritten), so no gate-sized temporaries; products
+    # are fused with addcmul (each elementwise kernel over (T, B, H) is a memory pass).
+    length, batch, hidden = previous.shape[0], previous.shape[1], c0.shape[-1]
+    factors = x.new_empty(length, batch, _SLOTS, hidden)
+    slot = _gates(x, previous, weights, out=factors[:, :, :4]).unbind(2)
+    i, f, g, o = slot
+    forget = factors[:, :, 5].copy_(f)
+    input_times_g = torch.mul(i, g, out=factors[:, :, 4])
+    all_cells = _cell_states(input_times_g, forget, c0, steps)
+    # sigma'(a) = sigma (1 - sigma) for i, f, o
+    torch.addcmul(i, input_times_g, g, value=-1, out=slot[2])  # i (1 - g^2)
+    torch.addcmul(input_times_g, i, input_times_g, value=-1, out=slot[0])  # g sigma'(a_i)
+    torch.addcmul(f, f, f, value=-1, out=slot[1]).mul_(all_cells[:-1])  # c_{t-1} sigma'(a_f)
+    tanh_cells = fast_tanh_(all_cells[1:])
+    projected = weights.weight_hr is not None
+    hidden_cells = torch.mul(o, tanh_cells, out=None if projected else factors[:, :, 4])
+    torch.addcmul(o, hidden_cells, tanh_cells, value=-1, out=factors[:, :, 4])  # o (1 - tanh^2)
+    torch.addcmul(o, o, o, value=-1, out=slot[3]).mul_(tanh_cells)  # tanh(c) sigma'(a_o)
+    return factors, (hidden_cells if projected else None)
+
+
+def _backprop_through_time(factors: Tensor, grad_output: Tensor,
+                           grad_final: tuple[Tensor | None, ...], weights: LayerWeights,
+                           steps: Steps) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``(dL/dh_t (T, B, P) for a projection or None, dL/dh0, dL/dc0)`` by the step-by-step
+    recursion, last step first; turns the factors' first four slots into ``da``, in place."""
+    length, batch, _ = grad_output.shape
+    hidden = factors.shape[-1]
+    projection = weights.weight_hr
+    grad_h_last, grad_c_last = grad_final
+    dh = initial_gradient(grad_output, grad_h_last)
+    dc_next = grad_c_last if grad_c_last is not None else \
+        grad_output.new_zeros(batch, hidden)
+    dh_steps = None if projection is None else \
+        gate_buffer(steps, length, batch, projection.shape[0], like=factors)
+    with loop_threads(factors.device):
+        for t in range(length - 1, -1, -1):  # dh: gradient w.r.t. h_t, all paths
+            active = steps.active(t)
+            step = factors[t, :active]
+            dm = dh[:active]
+            if projection is not None:
+                dh_steps[t, :active] = dm
+                dm = torch.mm(dm, projection)
+            dc = torch.addcmul(dc_next[:active], dm, step[:, 4])
+            step[:, :3].mul_(dc.unsqueeze(1))
+            step[:, 3].mul_(dm)
+            if active < batch:
+                factors[t, active:, :4].zero_()  # inactive: no contribution
+            dc = dc.mul_(step[:, 5])
+            dc_next = dc if active == batch else torch.cat([dc, dc_next[active:]])
             # dh_{t-1} = (output gradient at t-1) + da_t W_hh in one kernel
-            dh = torch.addmm(grad_output[t - 1], d_pre_t, weight_hh) if t > 0 \
-                else torch.mm(d_pre_t, weight_hh)
-    return d_pre.view(batch, steps, 4 * hidden), dh, dc_next
+            dh = carry_back(dh, step[:, :4].view(active, 4 * hidden), weights.weight_hh,
+                            grad_output[t - 1] if t > 0 else None, active)
+    return dh_steps, dh, dc_next
 
 
-def _parameter_gradients(ctx, d_pre: Tensor, stacked: Tensor, weight_ih: Tensor,
-                         with_bias: bool):
-    """``(grad x (T, B, in), grad W_ih, grad W_hh, grad bias)`` from ``da``, emitting the
-    layer's ``sum_n c_n**2`` when statistics are wanted."""
-    batch, steps, four_hidden = d_pre.shape
-    in_features = weight_ih.shape[1]
-    needs = ctx.needs_input_grad
-    grad_x = None
-    if needs[0]:
-        grad_x = torch.mm(d_pre.view(-1, four_hidden), weight_ih).view(
-            batch, steps, in_features).transpose(0, 1)
-    grad_weight, sum_grad_squared = lstm_weight_statistics(
-        d_pre, stacked, with_statistics=ctx.emit is not None)
-    grad_bias = bias_sq = None
-    if with_bias and (needs[3] or needs[4]):
-        per_example_bias = d_pre.sum(1)  # (B, 4H)
-        grad_bias = per_example_bias.sum(0)
-        bias_sq = per_example_bias.square_().sum(0)
-    if ctx.emit is not None:
-        ctx.emit(sum_grad_squared[:, :in_features], sum_grad_squared[:, in_features:],
-                 bias_sq)
-    return grad_x, grad_weight[:, :in_features], grad_weight[:, in_features:], grad_bias
+class LSTMCell(RecurrentCell):
+    """The LSTM cell (with or without a projection ``W_hr``)."""
 
+    state_size = 2
 
-#: intra-op threads for the backward's step-by-step loop (None: leave torch's setting).
-#: Each step's kernels are small (a (B, 4H) x (4H, H) matmul and a few (B, H) products):
-#: waking a second thread for each costs about what it saves (docs/benchmarks.md).
-LOOP_THREADS: int | None = 1
+    def run(self, x: Tensor, steps: Steps, weights: list[LayerWeights],
+            state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """torch's fused one-layer LSTM kernel (all directions)."""
+        output, h_last, c_last = fused_layer(torch.lstm, x, steps, list(state), weights)
+        return output, (h_last, c_last)
 
-
-def _tanh(x: Tensor) -> Tensor:
-    """``tanh(x) = 2 sigmoid(2x) - 1``: measured faster than ``torch.tanh`` on large float32
-    CPU tensors (docs/benchmarks.md); exact to rounding (absolute error ~ 1 ulp of 1)."""
-    return (x * 2).sigmoid_().mul_(2).sub_(1)
-
-
-def _stack_inputs(x: Tensor, h0: Tensor, output: Tensor) -> Tensor:
-    """``[x_t, h_{t-1}]`` for every step, batch-major ``(B, T, in + H)``."""
-    previous_hidden = torch.cat([h0.unsqueeze(0), output[:-1]])  # (T, B, H)
-    return torch.cat([x, previous_hidden], dim=2).transpose(0, 1).contiguous()
-
-
-def lstm_weight_statistics(d_pre: Tensor, stacked: Tensor,
-                           with_statistics: bool) -> tuple[Tensor, Tensor | None]:
-    """``(grad [W_ih, W_hh], sum_n c_n**2)`` of one layer, both ``(4H, in + H)``.
-
-    ``d_pre`` ``(B, T, 4H)``: gate pre-activation gradients; ``stacked`` ``(B, T, in + H)``:
-    ``[x_t, h_{t-1}]``. Without statistics, the gradient is one matmul; with them, the
-    per-example matrices ``d_pre_n^T stacked_n`` are formed in chunks small enough to stay
-    in cache while they are squared and summed.
-    """
-    if not with_statistics:
-        return torch.mm(d_pre.flatten(0, 1).t(), stacked.flatten(0, 1)), None
-    batch = d_pre.shape[0]
-    grad = d_pre.new_zeros(d_pre.shape[-1], stacked.shape[-1])
-    sum_sq = torch.zeros_like(grad)
-    step = chunk_size(grad.numel(), CACHE_BUDGET_ELEMENTS)
-    for start in range(0, batch, step):
-        per_example = torch.bmm(d_pre[start:start + step].transpose(1, 2),
-                                stacked[start:start + step])
-        grad += per_example.sum(0)
-        sum_sq += per_example.square_().sum(0)
-    return grad, sum_sq
-
-
-def lstm_problem(module: nn.LSTM) -> str | None:
-    """What in the module's configuration :class:`LSTMLayerFunction` does not cover."""
-    if module.bidirectional:
-        return "is bidirectional; use bidirectional=False or engine='ghost_batch'."
-    if getattr(module, "proj_size", 0):
-        return "has proj_size > 0; use proj_size=0 or engine='ghost_batch'."
-    if module.dropout > 0 and module.num_layers > 1 and module.training:
-        return ("has dropout > 0 between its layers in train mode; use separate nn.LSTM "
-                "layers with nn.Dropout modules between them, dropout=0, or model.eval().")
-    return None
-
-
-def _time_major_input(module: nn.LSTM, context: LayerContext, input: Tensor) -> Tensor:
-    """The input as ``(T, B, F)``, refused unless its examples are the module's batch axis
-    (declared by ``batch_first``; a traced layout must agree)."""
-    if isinstance(input, PackedSequence) or input.dim() != 3:
-        kind = "a PackedSequence" if isinstance(input, PackedSequence) else \
-            f"an unbatched input of shape {tuple(input.shape)}"
-        raise UnsupportedModelError(
-            f"layer '{context.name}' (LSTM) got {kind}; engine 'extensions' needs padded "
-            "input (B, T, F) or (T, B, F) with the examples along the batch axis."
-        )
-    axis = 0 if module.batch_first else 1
-    context.layouts.check_declared(input, context.name, "LSTM", axis)
-    if input.shape[axis] != context.batch_size:
-        raise UnsupportedModelError(
-            f"layer '{context.name}' (LSTM) got a batch of {input.shape[axis]} sequences, not "
-            f"the {context.batch_size} examples of the model's input; the examples must be "
-            "the sequences."
-        )
-    return input.transpose(0, 1) if module.batch_first else input
-
-
-def _unrolled_forward(module: nn.LSTM, context: LayerContext, input: Tensor,
-                      hx: tuple[Tensor, Tensor] | None = None):
-    """Drop-in for ``nn.LSTM.forward`` built from :class:`LSTMLayerFunction`."""
-    context.count_call()
-    x = _time_major_input(module, context, input)
-    batch = x.shape[1]
-    dtype = module.weight_ih_l0.dtype
-    # the layer's maths runs in the parameters' precision, also under autocast
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        x = x.to(dtype)
-        if hx is None:
-            h0 = x.new_zeros(module.num_layers, batch, module.hidden_size)
-            c0 = torch.zeros_like(h0)
-        else:
-            h0, c0 = (state.to(dtype) for state in hx)
-        last_hidden, last_cells = [], []
-        for layer in range(module.num_layers):
-            weights = [getattr(module, f"{kind}_l{layer}", None)
-                       for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            names = [f"{kind}_l{layer}" for kind in ("weight_ih", "weight_hh", "bias_ih",
-                                                    "bias_hh")]
-            x, h_last, c_last = LSTMLayerFunction.apply(
-                x, *weights, h0[layer], c0[layer], _layer_emitter(context, names))
-            last_hidden.append(h_last)
-            last_cells.append(c_last)
-    output = x.transpose(0, 1) if module.batch_first else x
-    state = (torch.stack(last_hidden), torch.stack(last_cells))
-    for tensor, axis in lstm_output_layouts(module, (output, state)):
-        context.layouts.register(tensor, axis)
-    context.uses.record_call(context.name, (input, hx), (output, state))
-    return output, state
-
-
-def lstm_output_layouts(module: nn.LSTM, output) -> list[tuple[Tensor, int]]:
-    """``(tensor, batch axis)`` of an LSTM's outputs: the sequence in the layout that
-    ``batch_first`` declares, ``h_n`` and ``c_n`` ``(num_layers, B, H)`` along dim 1."""
-    sequence, state = output
-    if isinstance(sequence, PackedSequence):
-        return []
-    return [(sequence, 0 if module.batch_first else 1)] + [(s, 1) for s in state]
-
-
-def _layer_emitter(context: LayerContext, names: list[str]) -> LayerEmitter | None:
-    """Reports one layer's statistics under the parameter names that were requested."""
-    weight_ih, weight_hh, bias_ih, bias_hh = names
-    if not context.requested & set(names):
-        return None
-
-    def emit(weight_ih_sq: Tensor, weight_hh_sq: Tensor, bias_sq: Tensor | None) -> None:
-        for name, value in ((weight_ih, weight_ih_sq), (weight_hh, weight_hh_sq),
-                            (bias_ih, bias_sq), (bias_hh, bias_sq)):
-            if name in context.requested and value is not None:
-                context.emit(name, value)
-
-    return emit
-
-
-class _RestoreForward:
-    """Undo the temporary replacement of ``module.forward``."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.had_own_forward = "forward" in module.__dict__
-        self.own_forward = module.__dict__.get("forward")
-
-    def remove(self) -> None:
-        """Put the module's own ``forward`` back."""
-        if self.had_own_forward:
-            self.module.forward = self.own_forward
-        else:
-            self.module.__dict__.pop("forward", None)
+    def backward(self, x: Tensor, output: Tensor, weights: LayerWeights,
+                 state: tuple[Tensor, ...], grad_output: Tensor,
+                 grad_final: tuple[Tensor | None, ...], steps: Steps) -> CellGradients:
+        """Recompute the gates, backpropagate through time (module docstring)."""
+        h0, c0 = state
+        previous = previous_hidden(h0, output)
+        factors, hidden_cells = _gate_factors(x, previous, weights, c0, steps)
+        dh_steps, dh0, dc0 = _backprop_through_time(factors, grad_output, grad_final,
+                                                    weights, steps)
+        length, batch, _, hidden = factors.shape
+        d_pre = factors[:, :, :4].view(length, batch, 4 * hidden)  # da
+        projection = None if dh_steps is None else (dh_steps, hidden_cells)
+        return CellGradients(d_pre, None, x, previous, (dh0, dc0), projection)
 
 
 @register_extension
-class LSTMExtension(ModuleExtension):
-    """``nn.LSTM``: any num_layers, batch_first, bias, carried initial state (h0, c0)."""
+class LSTMExtension(RecurrentExtension):
+    """``nn.LSTM``: every configuration (``proj_size`` too)."""
 
     module_types = (nn.LSTM,)
 
-    def unsupported_reason(self, module: nn.Module) -> str | None:
-        """``None`` for the LSTM configurations handled here, else why not."""
-        return lstm_problem(module)
-
-    def parameter_names(self, module: nn.Module) -> frozenset[str]:
-        """``weight_ih_l<k>``, ``weight_hh_l<k>``, ``bias_ih_l<k>``, ``bias_hh_l<k>``."""
-        return frozenset(f"{kind}_l{layer}" for layer in range(module.num_layers)
-                         for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-
-    def output_layouts(self, module: nn.Module, input_axis: int | None,
-                       output) -> list[tuple[Tensor, int]]:
-        """The output sequence in the declared layout, ``h_n`` and ``c_n`` along dim 1."""
-        return lstm_output_layouts(module, output)
-
-    def attach(self, module: nn.Module, context: LayerContext) -> list[Removable]:
-        """Shadow the module's ``forward`` with an unrolled one that emits the statistics."""
-        restore = _RestoreForward(module)
-        # an instance attribute shadows the class's forward for this module only
-        module.forward = functools.partial(_unrolled_forward, module, context)
-        return [restore]
+    def cell_for(self, module: nn.Module) -> RecurrentCell:
+        """The LSTM cell."""
+        return LSTMCell()

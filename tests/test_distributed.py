@@ -303,6 +303,248 @@ def helpers(rank: int) -> None:
     assert_matches(model, expected, "helpers recipe")
 
 
+# -- the statistics' all-reduce during the backward pass (issue 14) -------------------------
+class _Boom(torch.autograd.Function):
+    """Identity whose backward raises on the ranks in ``ranks``."""
+
+    @staticmethod
+    def forward(ctx, x, fails):
+        ctx.fails = fails
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.fails:
+            raise RuntimeError("injected failure in the backward pass")
+        return grad, None
+
+
+class _ThreeLayers(nn.Module):
+    """6 -> 5 -> 7 -> 3; ``fails``: the backward raises between the last two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 5), nn.Linear(5, 7), nn.Linear(7, 3)
+        self.fails = False
+
+    def forward(self, x):
+        h = torch.tanh(self.b(torch.tanh(self.a(x))))
+        return self.c(_Boom.apply(h, self.fails))
+
+
+class _TwiceCalled(nn.Module):
+    """A layer called twice: its parameters are finished only after the backward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.shared, self.c = nn.Linear(6, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.shared(torch.tanh(self.shared(torch.tanh(self.a(x))))))
+        return self.c(h)
+
+
+class _CharModel(nn.Module):
+    """Embedding, 2-layer LSTM, Linear: the char-RNN's layers on a small scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 3)
+        self.lstm = nn.LSTM(3, 7, num_layers=2, batch_first=True)
+        self.out = nn.Linear(7, 11)
+
+    def forward(self, tokens):
+        return self.out(self.lstm(self.emb(tokens))[0]).flatten(0, 1)
+
+
+def _count_launches_in_backward():
+    """Patch StatisticsStream to record, per buffer launched, whether it was launched
+    inside a backward pass; returns the record and a function that undoes the patch."""
+    from msvag_mb.statistics_allreduce import StatisticsStream
+
+    record: list[bool] = []
+    original = StatisticsStream._launch_next
+
+    def launch(self, *args):
+        record.append(torch._C._current_graph_task_id() != -1)
+        original(self, *args)
+
+    StatisticsStream._launch_next = launch
+    return record, lambda: setattr(StatisticsStream, "_launch_next", original)
+
+
+def _stream_and_post(model, loss_fn, run, cap_mb=None, engine="extensions", **kwargs):
+    """``run(gv)`` on two copies of ``model``, streaming and after the backward pass;
+    both copies' (grad, variance) per parameter, the returned values and, of the
+    streaming run, how many buffers were launched inside the backward pass."""
+    outcomes = []
+    for streaming in (True, False):
+        copy_ = copy.deepcopy(model)
+        ddp = nn.parallel.DistributedDataParallel(copy_)
+        options = dict(kwargs, stream_statistics=streaming)
+        if cap_mb is not None:
+            options["bucket_cap_mb"] = cap_mb
+        gv = msvag_mb.GradientVariance(ddp, loss_fn, engine=engine, **options)
+        record, undo = _count_launches_in_backward()
+        try:
+            returned = run(gv, copy_)
+        finally:
+            undo()
+        stats = [(p.grad, getattr(p, "grad_variance", None)) for p in copy_.parameters()]
+        outcomes.append((stats, returned, sum(record)))
+    return outcomes
+
+
+def _assert_bitwise(outcomes, what: str) -> None:
+    (streamed, returned_s, _), (post, returned_p, _) = outcomes
+    for i, ((g1, v1), (g2, v2)) in enumerate(zip(streamed, post)):
+        assert (g1 is None) == (g2 is None), f"{what}: grad {i} present on one path only"
+        if g1 is not None:
+            assert torch.equal(g1, g2), f"{what}: grad {i} differs between the paths"
+            assert torch.equal(v1, v2), f"{what}: variance {i} differs between the paths"
+    if isinstance(returned_s, torch.Tensor):
+        assert torch.equal(returned_s, returned_p), f"{what}: loss differs"
+
+
+def stream_case(sizes: list[int], reduction: str):
+    def run(rank: int) -> None:
+        model, x, y = make_problem()
+        _, expected = reference(model, x, y, reduction)
+        part = local_slice(sizes, rank)
+        cap = 200 / 2 ** 20  # every parameter in a buffer of its own
+        outcomes = _stream_and_post(model, nn.CrossEntropyLoss(reduction=reduction),
+                                    lambda gv, m: gv.backward(x[part], y[part]), cap)
+        _assert_bitwise(outcomes, f"{sizes} {reduction}")
+        for (grad, variance), (e_grad, e_variance) in zip(outcomes[0][0], expected):
+            torch.testing.assert_close(grad, e_grad, **TOL)
+            torch.testing.assert_close(variance, e_variance, **TOL)
+        # 4 buffers, all but the last (which carries the counts) sent inside the backward
+        # pass; none without examples, or on the post-backward path
+        launched_in_backward = outcomes[0][2]
+        assert launched_in_backward == (0 if sizes[rank] == 0 else 3), launched_in_backward
+        assert outcomes[1][2] == 0
+    return run
+
+
+for _sizes in ([8, 8], [5, 11], [16, 0]):
+    for _reduction in ("mean", "sum"):
+        case(f"stream-{_sizes[0]}+{_sizes[1]}-{_reduction}")(stream_case(_sizes, _reduction))
+
+
+@case("stream-default-buckets-lstm-and-reuse")
+def stream_models(rank: int) -> None:
+    """The char model (LSTM layers emit per layer) and a layer called twice (its bucket
+    waits for the end of the backward pass), with the default and with tiny buffers."""
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 11, (6, 5))
+    char_y = torch.randint(0, 11, (6 * 5,))
+    x, y = torch.randn(GLOBAL_BATCH, 6), torch.randint(0, 3, (GLOBAL_BATCH,))
+    problems = [(_CharModel(), tokens, char_y, [2, 4], "auto"),
+                (_TwiceCalled(), x, y, [5, 11], "extensions")]
+    in_backward = []  # checked after every collective: a rank must not stop early
+    for model, inputs, targets, sizes, engine in problems:
+        part = local_slice(sizes, rank)
+        char = inputs is tokens
+        local_y = targets.view(6, 5)[part].reshape(-1) if char else targets[part]
+        for cap in (None, 100 / 2 ** 20):
+            outcomes = _stream_and_post(
+                model, nn.CrossEntropyLoss(),
+                lambda gv, m: gv.backward(inputs[part], local_y), cap, engine=engine)
+            _assert_bitwise(outcomes, f"{type(model).__name__} cap {cap}")
+            if cap is not None:
+                in_backward.append(outcomes[0][2])
+        single = copy.deepcopy(model)
+        msvag_mb.GradientVariance(single, nn.CrossEntropyLoss(), engine="vmap"
+                                  if not char else "extensions").backward(inputs, targets)
+        for (grad, variance), p in zip(outcomes[0][0], single.parameters()):
+            torch.testing.assert_close(grad, p.grad, **TOL)
+            torch.testing.assert_close(variance, p.grad_variance, **TOL)
+    assert all(n >= 1 for n in in_backward), in_backward  # the output layer's buffers
+
+
+@case("stream-accumulation-and-collect")
+def stream_accumulation_and_collect(rank: int) -> None:
+    model, x, y = make_problem()
+    _, expected = reference(model, x, y, "mean")
+    calls = [[slice(0, 3), slice(3, 7)], [slice(7, 8), slice(8, 16)]][rank]
+    cap = 200 / 2 ** 20
+
+    def accumulate(gv, m):
+        for part in calls:
+            gv.backward(x[part], y[part])
+
+    def collect(gv, m):
+        for part in calls:
+            with gv.collect():
+                nn.CrossEntropyLoss()(m(x[part]), y[part]).backward()
+
+    in_backward = []
+    for run in (accumulate, collect):
+        outcomes = _stream_and_post(model, nn.CrossEntropyLoss(), run, cap)
+        _assert_bitwise(outcomes, run.__name__)
+        in_backward.append(outcomes[0][2])
+        for (grad, variance), (e_grad, e_variance) in zip(outcomes[0][0], expected):
+            torch.testing.assert_close(grad, e_grad, **TOL)
+            torch.testing.assert_close(variance, e_variance, **TOL)
+    assert in_backward == [2 * 3, 2 * 3], in_backward
+
+
+@case("stream-on-one-rank-only")
+def stream_on_one_rank(rank: int) -> None:
+    """The two paths send the same buffers in the same order: ranks may mix them."""
+    model, x, y = make_problem()
+    _, expected = reference(model, x, y, "sum")
+    ddp = nn.parallel.DistributedDataParallel(model)
+    gv = msvag_mb.GradientVariance(ddp, nn.CrossEntropyLoss(reduction="sum"),
+                                   engine="extensions", bucket_cap_mb=200 / 2 ** 20,
+                                   stream_statistics=rank == 0)
+    part = local_slice(SIZES["unequal"], rank)
+    gv.backward(x[part], y[part])
+    assert_matches(model, expected, "streaming on rank 0 only")
+
+
+@case("stream-failure-after-buffers-went-out")
+def stream_failure(rank: int) -> None:
+    """Rank 1's backward raises after its last layer's buffers were sent: both raise,
+    nothing changes, and the next call works."""
+    torch.manual_seed(0)
+    model = _ThreeLayers()
+    x, y = torch.randn(GLOBAL_BATCH, 6), torch.randint(0, 3, (GLOBAL_BATCH,))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    problems = []  # checked after every collective: a rank must not stop early
+    for collect in (False, True):
+        gv = msvag_mb.GradientVariance(ddp, nn.CrossEntropyLoss(), engine="auto",
+                                       bucket_cap_mb=200 / 2 ** 20)
+        part = local_slice(SIZES["equal"], rank)
+        model.fails = rank == 1
+        record, undo = _count_launches_in_backward()
+        try:
+            if collect:
+                with gv.collect():
+                    nn.CrossEntropyLoss()(model(x[part]), y[part]).backward()
+            else:
+                gv.backward(x[part], y[part])
+        except RuntimeError as error:
+            expected = "failed on 1 other rank" if rank == 0 else "injected failure"
+            if expected not in str(error):
+                problems.append(f"collect={collect}: {error}")
+        else:
+            problems.append(f"collect={collect}: rank {rank} did not raise")
+        finally:
+            undo()
+        # rank 1: c.bias and c.weight went out before its backward raised
+        if sum(record) != (2 if rank == 1 else 5):
+            problems.append(f"collect={collect}: launched in backward {record}")
+        if any(p.grad is not None or getattr(p, "grad_variance", None) is not None
+               for p in model.parameters()):
+            problems.append(f"collect={collect}: the failed call changed the parameters")
+        model.fails = False
+        gv.zero_grad()
+        gv.backward(x[part], y[part])  # the group is still usable afterwards
+        ddp.zero_grad()
+    assert not problems, problems
+
+
 # -- the training runner (msvag-train under torchrun) -----------------------------------------
 def _runs_dir() -> Path:
     return Path(os.environ["MSVAG_TEST_RESULTS"])

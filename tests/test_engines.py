@@ -97,8 +97,7 @@ def test_vmap_handles_tied_weights_and_backpack_refuses_them():
                                                     "'second.weight'.*engine='vmap'"):
         msvag_mb.GradientVariance(model, loss_fn, engine="backpack").backward(x, y)
     expected = brute_force(model, loss_fn, x, y, "mean")
-    gv = msvag_mb.GradientVariance(model, loss_fn, engine="auto")
-    assert gv.engine_name == "vmap"
+    gv = msvag_mb.GradientVariance(model, loss_fn, engine="vmap")
     gv.backward(x, y)
     for p, (grad, variance) in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, grad)
@@ -328,7 +327,7 @@ def test_finiteness_check_is_exact_when_a_sum_overflows():
 CAPABILITIES = {
     "units_are_examples": bool, "needs_distributed": bool, "supports_distributed": bool,
     "autocast_in_backward": bool, "min_units": int, "handles_train_mode_batchnorm": bool,
-    "reruns_model": bool,
+    "reruns_model": bool, "serves_collect": bool,
 }
 
 
@@ -384,8 +383,9 @@ def test_a_failed_call_restores_the_gradients_it_found():
 
 
 class _CarriedCounter(nn.Module):
-    """Carries a state from call to call (the CarriesState protocol) and calls one Linear
-    twice: the extensions and BackPACK engines refuse it only while running it."""
+    """Carries a state from call to call (the CarriesState protocol) and merges the
+    examples with another axis before its Linear: the extensions and BackPACK engines
+    refuse it only while running it."""
 
     def __init__(self):
         super().__init__()
@@ -400,7 +400,8 @@ class _CarriedCounter(nn.Module):
 
     def forward(self, x):
         self.calls += 1
-        return self.shared(torch.tanh(self.shared(x)))
+        pairs = x.unsqueeze(1).expand(-1, 2, -1).reshape(-1, x.shape[1])  # (2B, 3)
+        return self.shared(pairs).view(x.shape[0], 2, -1).sum(1)
 
 
 def test_auto_falls_back_when_an_engine_refuses_while_running():
@@ -417,7 +418,7 @@ def test_auto_falls_back_when_an_engine_refuses_while_running():
         torch.testing.assert_close(p.grad, grad)
         torch.testing.assert_close(p.grad_variance, variance)
     gv.zero_grad()
-    with pytest.raises(UnsupportedModelError, match="called more than once"):
+    with pytest.raises(UnsupportedModelError, match="no batch axis"):
         msvag_mb.GradientVariance(model, nn.MSELoss(), engine="extensions").backward(x, y)
     assert all(p.grad is None for p in model.parameters())
 
@@ -434,3 +435,86 @@ def test_vmap_leaves_a_module_registered_twice_in_place():
     for p, (grad, variance) in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, grad)
         torch.testing.assert_close(p.grad_variance, variance)
+
+
+# -- GradientVariance's own bookkeeping (issue 14) ----------------------------------------
+
+def test_the_variance_is_written_into_the_engines_sum_only_where_that_is_safe():
+    from msvag_mb.batch_statistics import single_batch_variance
+
+    grad, units = torch.tensor([1.0, -2.0, 3.0]), 4
+    expected = ((units * torch.tensor([2.0, 3.0, 4.0]) - grad * grad) / (units - 1)).clamp(min=0)
+    owned = torch.tensor([2.0, 3.0, 4.0])
+    variance, witness = single_batch_variance(grad, owned, units, overwrite=True)
+    assert variance.data_ptr() == owned.data_ptr()  # no new gradient-sized tensor
+    torch.testing.assert_close(variance, expected)
+    torch.testing.assert_close(witness, variance.sum().float())  # nothing was clamped
+    buffer = torch.tensor([2.0, 3.0, 4.0, 7.0])  # a view of a larger buffer: left alone
+    variance, _ = single_batch_variance(grad, buffer[:3], units, overwrite=True)
+    torch.testing.assert_close(variance, expected)
+    assert buffer.tolist() == [2.0, 3.0, 4.0, 7.0]
+    shared = torch.tensor([2.0, 3.0, 4.0])  # the sum is the gradient itself: left alone
+    single_batch_variance(shared, shared, units, overwrite=True)
+    assert shared.tolist() == [2.0, 3.0, 4.0]
+    expanded = torch.tensor([2.0]).expand(3)  # overlapping memory: cannot be written
+    variance, _ = single_batch_variance(grad, expanded, units, overwrite=True)
+    assert expanded.tolist() == [2.0, 2.0, 2.0] and variance.shape == (3,)
+
+
+@pytest.mark.parametrize("grad, sum_grad_squared", [
+    ([float("nan"), 1.0], [1.0, 1.0]), ([float("inf"), 1.0], [1.0, 1.0]),
+    ([1.0, 1.0], [float("inf"), 1.0]), ([1.0, 1.0], [float("nan"), 1.0]),
+])
+def test_one_sum_per_parameter_sees_every_nan_or_inf(grad, sum_grad_squared):
+    from msvag_mb.batch_statistics import single_batch_variance
+    from msvag_mb.param_variance import all_finite as _all_finite
+
+    grad = torch.tensor(grad)
+    variance, witness = single_batch_variance(grad, torch.tensor(sum_grad_squared), 4)
+    assert not bool(torch.isfinite(witness))  # also where the clamp hid -Inf as 0
+    assert not _all_finite([grad, variance], [witness])
+
+
+def _counting_unsupported_reason(monkeypatch):
+    """Count the calls of each auto candidate's unsupported_reason."""
+    calls = {}
+    for cls in msvag_mb.engines.auto_candidates():
+        original = cls.unsupported_reason.__func__
+
+        def counted(klass, model, original=original, name=cls.name):
+            calls[name] = calls.get(name, 0) + 1
+            return original(klass, model)
+
+        monkeypatch.setattr(cls, "unsupported_reason", classmethod(counted))
+    return calls
+
+
+def test_auto_checks_the_model_once_and_its_fallbacks_only_when_needed(monkeypatch):
+    model, x, y = mlp_problem()
+    gv = msvag_mb.GradientVariance(model, nn.CrossEntropyLoss(), engine="auto")
+    calls = _counting_unsupported_reason(monkeypatch)
+    gv.backward(x, y)
+    assert gv.engine_name == "extensions"
+    assert calls == {"extensions": 1}  # not again inside compute; backpack, vmap never
+    calls.clear()
+    msvag_mb.ENGINES["extensions"]().compute(model, nn.CrossEntropyLoss(), x, y,
+                                             list(model.parameters()))
+    assert calls == {"extensions": 1}  # called on its own, the engine checks the model
+
+
+class _LSTMTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 3, num_layers=2, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(self.lstm(x)[0])[0]
+
+
+def test_auto_lists_the_fallbacks_it_checked_late_when_all_refuse():
+    model, x, y = _LSTMTwice(), torch.randn(4, 5, 3), torch.randn(4, 5, 3)
+    gv = msvag_mb.GradientVariance(model, nn.MSELoss(), engine="auto")
+    with pytest.raises(UnsupportedModelError,
+                       match=r"(?s)before or while running.*extensions:.*backpack:.*vmap:"):
+        gv.backward(x, y)
+    assert all(p.grad is None and not hasattr(p, "grad_variance") for p in model.parameters())

@@ -44,12 +44,38 @@ class BatchStatistics:
     statistics: dict[nn.Parameter, ParameterStatistics]
 
 
-def single_batch_variance(grad: Tensor, sum_grad_squared: Tensor, units: int) -> Tensor:
-    """``s_hat = (U sum_u c_u^2 - grad^2) / (U - 1)``, clamped at 0 (float cancellation)."""
+def single_batch_variance(grad: Tensor, sum_grad_squared: Tensor, units: int, *,
+                          overwrite: bool = False) -> tuple[Tensor, Tensor]:
+    """``s_hat = (U sum_u c_u^2 - grad^2) / (U - 1)``, clamped at 0 (float cancellation),
+    and the float32 sum of ``s_hat`` before the clamp: its finiteness witness.
+
+    A NaN or Inf in ``grad``, in ``sum_u c_u^2`` or in the formula (``grad^2`` overflowing)
+    makes that element NaN or +-Inf before the clamp (which would turn -Inf into 0), hence
+    the sum: a finite sum proves ``grad`` and ``s_hat`` finite (a non-finite one may also
+    be an overflow of finite values; :func:`msvag_mb.param_variance.all_finite` decides).
+
+    ``overwrite``: ``sum_grad_squared`` is the caller's to consume (an engine's fresh
+    result, not read afterwards); ``s_hat`` is then written into it where it owns its whole
+    memory and shares none with ``grad``, saving a gradient-sized tensor.
+    """
     # scale by the integer U before cancelling (folding 1/(U-1) in first rounds the two
     # large terms apart: tests/test_amp.py's high signal-to-noise case loses digits)
-    variance = sum_grad_squared.mul(units).addcmul_(grad, grad, value=-1.0)
-    return variance.div_(units - 1).clamp_(min=0.0)
+    if overwrite and _owns_its_memory(sum_grad_squared, grad):
+        variance = sum_grad_squared.mul_(units)
+    else:
+        variance = sum_grad_squared.mul(units)
+    variance.addcmul_(grad, grad, value=-1.0).div_(units - 1)
+    witness = variance.sum(dtype=torch.float32)
+    return variance.clamp_(min=0.0), witness
+
+
+def _owns_its_memory(tensor: Tensor, other: Tensor) -> bool:
+    """True if ``tensor`` is all of its storage, dense, and not ``other``'s storage: writing
+    it in place changes nothing else (no view of a larger buffer, no expanded tensor)."""
+    storage = tensor.untyped_storage()
+    return (not tensor.requires_grad and tensor.is_contiguous()
+            and storage.nbytes() == tensor.numel() * tensor.element_size()
+            and storage.data_ptr() != other.untyped_storage().data_ptr())
 
 
 def sums_from_contributions(grad: Tensor, sum_grad_squared: Tensor, examples: int,
@@ -104,23 +130,41 @@ class CycleSoFar:
     results: dict[nn.Parameter, tuple[Tensor | None, Tensor | None]]
 
 
+@dataclass
+class CombinedStatistics:
+    """The cycle's statistics including this call: ``(p.grad, p.grad_variance)`` per
+    parameter (None: no gradient), and float32 sums whose finiteness proves those tensors
+    finite (one per parameter of a single batch, see :func:`single_batch_variance`)."""
+
+    updates: dict[nn.Parameter, tuple[Tensor, Tensor] | None]
+    finiteness_sums: list[Tensor]
+
+
 def combined_statistics(
     params: list[nn.Parameter], so_far: CycleSoFar, call: BatchStatistics, reduction: str | None
-) -> dict[nn.Parameter, tuple[Tensor, Tensor] | None]:
-    """``(p.grad, p.grad_variance)`` of the cycle including this call (None: no gradient)."""
+) -> CombinedStatistics:
+    """``(p.grad, p.grad_variance)`` of the cycle including this call.
+
+    Consumes ``call``: a single batch's variance is written into the engine's
+    ``sum_u c_u^2`` where possible (the cycle so far is only read).
+    """
     updates: dict[nn.Parameter, tuple[Tensor, Tensor] | None] = {}
+    sums: list[Tensor] = []
     for param in params:
         stats = call.statistics.get(param)
         old_grad, old_variance = so_far.results.get(param, (None, None))
         if stats is None and old_grad is None:
             updates[param] = None
         elif so_far.examples == 0:
-            updates[param] = (stats.grad, single_batch_variance(
-                stats.grad, stats.sum_grad_squared, call.units))
+            variance, witness = single_batch_variance(
+                stats.grad, stats.sum_grad_squared, call.units, overwrite=True)
+            updates[param] = (stats.grad, variance)
+            sums.append(witness)
         else:
-            updates[param] = _concatenated(param, old_grad, old_variance, so_far, stats, call,
-                                           reduction)
-    return updates
+            pair = _concatenated(param, old_grad, old_variance, so_far, stats, call, reduction)
+            updates[param] = pair
+            sums += [t.sum(dtype=torch.float32) for t in pair]
+    return CombinedStatistics(updates, sums)
 
 
 def _concatenated(param: nn.Parameter, old_grad: Tensor | None, old_variance: Tensor | None,

@@ -1,4 +1,4 @@
-"""Command-line entry points: ``msvag-train``, ``msvag-tune``, ``msvag-plot``.
+"""Command-line entry points: ``msvag-train``, ``msvag-tune``, ``msvag-reproduce``, ``msvag-plot``.
 
 Argument parsing only: each command turns its options into a call of :mod:`msvag_mb.runner`
 (or :mod:`msvag_mb.plotting`), prints what it returns and exits with a status.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,13 +29,16 @@ from .plotting import best_step_sizes, plot_path, results_table
 from .problems import PROBLEMS, DataNotFoundError
 from .runner import (
     OPTIMIZERS,
+    STEP_PATHS,
     VARIANCES,
     RunFileError,
     RunInterrupted,
     TrainConfig,
     compare,
     default_lr_max,
+    differing_records,
     engine_choices,
+    load_run,
     plot_comparison,
     step_size_grid,
     summarize,
@@ -67,6 +71,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-example statistics engine for --variance minibatch; 'auto' "
                              "uses ghost batches for BatchNorm in train mode "
                              "(default: %(default)s)")
+    parser.add_argument("--step-path", default=None, choices=tuple(STEP_PATHS),
+                        help="pin the optimizer's step implementation (recorded in the "
+                             "run's config; the paths agree to rounding, not bitwise) "
+                             "(default: the library's choice)")
     parser.add_argument("--ghost-groups", type=int, default=None,
                         help="groups of the ghost-batch engine (default: the problem's, 8)")
     parser.add_argument("--beta", type=float, default=0.9, help="default: %(default)s")
@@ -99,7 +107,7 @@ def _config(args: argparse.Namespace, **overrides) -> TrainConfig:
         engine=args.engine, lr=getattr(args, "lr", None), beta=args.beta,
         batch_size=args.batch_size, steps=args.steps, eval_every=args.eval_every,
         weight_decay=args.weight_decay, ghost_groups=args.ghost_groups,
-        seed=getattr(args, "seed", 0), data=args.data,
+        seed=getattr(args, "seed", 0), data=args.data, step_path=args.step_path,
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -271,6 +279,50 @@ def _tune(args: argparse.Namespace) -> int:
     print(summarize(tuning.grid_results + tuning.seed_results[1:]))
     path = write_summary(tuning, args.out)
     print(f"winner: lr {tuning.winner.config.lr:g}; summary {path}")
+    return 0
+
+
+def reproduce_main(argv: Sequence[str] | None = None) -> int:
+    """``msvag-reproduce``: rerun a recorded run's first steps and compare its records."""
+    parser = argparse.ArgumentParser(
+        prog="msvag-reproduce",
+        description="Train the run recorded in RUN_DIR (its config.json) again, from "
+                    "scratch, up to --until steps, in a scratch folder, and check that the "
+                    "records up to that step equal those in RUN_DIR/metrics.jsonl bit for "
+                    "bit. Exit status 0: identical; 1: they differ (listed).",
+    )
+    parser.add_argument("run_dir", help="a run folder (config.json, metrics.jsonl)")
+    parser.add_argument("--until", type=int, default=None,
+                        help="steps to rerun (default: the run's first evaluation interval)")
+    parser.add_argument("--out", default=None,
+                        help="root folder of the rerun (default: a temporary folder, removed)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with the data files (default: as msvag-train)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _reproduce(args)
+    except (ValueError, RunFileError, DataNotFoundError) as error:
+        return _fail(str(error))
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    config, recorded = load_run(args.run_dir)
+    until = args.until if args.until is not None else config.resolved().eval_every
+    with tempfile.TemporaryDirectory(prefix="msvag-reproduce-") as scratch:
+        result = train(config, args.out or scratch, data_dir=args.data_dir,
+                       device=args.device, progress=False, stop_after=until,
+                       overwrite=True, report=_say)
+    differences = differing_records(recorded, result.records, until)
+    if differences:
+        print("\n".join(["the rerun differs:", *differences]))
+        return 1
+    steps = ", ".join(str(r["step"]) for r in result.records if r["step"] <= until)
+    print(f"identical: the records of steps {steps} of {args.run_dir}")
     return 0
 
 

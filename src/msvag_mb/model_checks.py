@@ -125,7 +125,8 @@ def tied_weights_reason(model: nn.Module) -> str | None:
     first, second = tied[0]
     return (f"tied weights: '{first}' and '{second}' are one Parameter; per-layer statistics "
             "square each module's share separately and would give wrong variances. Use "
-            "engine='vmap' (or 'auto').")
+            "engine='vmap' or 'extensions' (or 'auto'), which add the shares up per example "
+            "before squaring.")
 
 
 def unbatched_input_error(layer: str, kind: str, shape: tuple[int, ...]) -> UnsupportedModelError:
@@ -145,9 +146,46 @@ def used_outside_its_layer_error(parameter: str, layer: str | None = None) -> Un
         f"parameter '{parameter}' received a gradient outside its layer{where} in this "
         "forward pass: it is used by an operation outside that layer's own call (e.g. a "
         "functional call such as F.linear(h, emb.weight) for weight tying), whose "
-        "per-example contributions the per-layer statistics do not see. Use the module "
-        "itself (module tying, self.out.weight = self.emb.weight, is refused clearly), "
-        "or engine='vmap' (engine='auto' falls back to it)."
+        "per-example contributions this engine's per-layer statistics do not see. Use "
+        "engine='extensions' (which adds up the uses of a parameter, also outside its "
+        "layer) or engine='vmap' (engine='auto' falls back to them)."
+    )
+
+
+def no_examples_use_error(parameter: str) -> UnsupportedModelError:
+    """A parameter used in a term that holds no examples (found before the backward pass)."""
+    return UnsupportedModelError(
+        f"parameter '{parameter}' is used in a term computed from parameters only that "
+        "never meets the examples (e.g. a penalty such as p.pow(2).sum() added to the loss, "
+        "or an output that holds no examples): that term belongs to no example, so it "
+        "would be counted in every example's gradient. Put L2 regularisation in the "
+        "optimizer's weight_decay and keep the loss a sum or mean of per-example terms."
+    )
+
+
+def unsupported_use_error(parameter: str, operation: str, why: str) -> UnsupportedModelError:
+    """A use of a parameter outside its layer (or of a bare parameter) by an operation
+    whose per-example contributions the ``extensions`` engine cannot form exactly."""
+    return UnsupportedModelError(
+        f"parameter '{parameter}' is used by an operation ({operation}) outside the layers "
+        f"that engine 'extensions' handles, and {why}. Supported are a parameter (or a "
+        "view, cast or product of parameters) added to, subtracted from, multiplied "
+        "with or dividing a tensor with the examples along one axis of its own (and not "
+        "varying along that axis), F.linear / matmul with it as the weight, and "
+        "F.embedding with it as the table. Use engine='vmap' (engine='auto' falls back "
+        "to it)."
+    )
+
+
+def reused_layer_error(layer: str, kind: str, uses: int) -> UnsupportedModelError:
+    """A layer whose parameters are used several times, where its extension cannot hand
+    over per-example contributions to add them up before squaring."""
+    return UnsupportedModelError(
+        f"layer '{layer}' ({kind}) has parameters used {uses} times in one forward pass "
+        "(the layer called more than once, tied to another layer, or used outside it): "
+        "the per-example contributions of all uses must be added before squaring, which "
+        f"the {kind} extension cannot do. Use engine='vmap' (engine='auto' falls back to "
+        "it) where it applies."
     )
 
 
@@ -161,6 +199,27 @@ def model_fails_on_one_example_error(error: BaseException) -> UnsupportedModelEr
         "gradients exist), or torch.func cannot run one of its operations; check that "
         "model(x[:1]) works, and use engine='extensions' or 'backpack' where they apply, or "
         "engine=msvag_mb.GhostBatchEngine(groups=K)."
+    )
+
+
+def carried_state(model: nn.Module):
+    """The state a model carries from call to call (``get_state``/``set_state``, the
+    ``CarriesState`` protocol of the problems), or ``None``: a refused or extra forward
+    pass may have advanced it, and what runs next must start where that one did."""
+    get_state, set_state = getattr(model, "get_state", None), getattr(model, "set_state", None)
+    return get_state() if callable(get_state) and callable(set_state) else None
+
+
+def examples_not_independent_error(detail: str) -> UnsupportedModelError:
+    """The refusal of a model whose output for the batch is not the stack of its outputs
+    for each example alone (found by running both once, in eval mode, without gradients)."""
+    return UnsupportedModelError(
+        "engine 'vmap' runs the model on one example at a time, and the model's output for "
+        f"the whole batch is not the stack of its outputs for each example alone ({detail}): "
+        "it mixes the examples (e.g. a statistic over dim 0) or broadcasts a tensor along "
+        "the examples' axis (e.g. positions (T, d) added to a sequence-first (T, B, d) "
+        "input with T == B), so no per-example gradients exist. Make the examples "
+        "independent, or use engine=msvag_mb.GhostBatchEngine(groups=K)."
     )
 
 

@@ -126,22 +126,28 @@ def set_grad_variance(param: Tensor, variance: Tensor | None, scale: float | Non
 
 def clear_grad_variance(param: Tensor) -> None:
     """Remove ``grad_variance`` and its bookkeeping from ``param``."""
+    tied = hasattr(param, _VERSION)  # set with every tie: skip the table when absent
     for attribute in _ATTRIBUTES:
         if hasattr(param, attribute):
             delattr(param, attribute)
-    _TIES.pop(param, None)
+    if tied:
+        _TIES.pop(param, None)
 
 
-def all_finite(tensors: list[Tensor]) -> bool:
+def all_finite(tensors: list[Tensor], sums: list[Tensor] | None = None) -> bool:
     """True if no element is NaN or Inf; one host sync in the usual case.
 
     A NaN or Inf element makes its tensor's sum NaN or Inf, so finite sums settle it (a
     sum is much cheaper than ``isfinite(t).all()`` on CPU). A non-finite sum may also come
     from large finite values that overflow; the exact per-element test decides then.
+    ``sums``: such sums already taken (float32, of ``tensors`` or of tensors that any NaN
+    or Inf in them reaches), used in place of summing ``tensors`` again.
     """
     if not tensors:
         return True
-    if bool(torch.stack([t.sum(dtype=torch.float32) for t in tensors]).isfinite().all()):
+    if sums is None:
+        sums = [t.sum(dtype=torch.float32) for t in tensors]
+    if bool(torch.stack(sums).isfinite().all()):
         return True
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 

@@ -15,7 +15,7 @@ backward pass, with the layer's name and the fix:
 * during the forward pass: a layer whose input does not hold the examples along dim 0
   (BackPACK assumes so; located by :class:`~msvag_mb.extensions.layout.ExampleLayouts`,
   e.g. ``x.flatten(0, 1)`` or a sequence-first layout), a layer called twice, an initial
-  state passed to an RNN;
+  state passed to an RNN, a ``ConvTranspose`` called with ``output_size``;
 * after the forward pass, from its autograd graph: a parameter used outside its layer
   (:class:`~msvag_mb.extensions.uses.ParameterUses`, e.g. ``F.linear(h, emb.weight)``).
 """
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from msvag_mb.extensions.layout import ExampleLayouts
-from msvag_mb.extensions.uses import ParameterUses
+from msvag_mb.extensions.uses import ParameterUses, tensors_in
 
 from ..model_checks import (
     FREQUENCY_SCALING_REASON,
@@ -43,7 +43,14 @@ from ..model_checks import (
     train_mode_batchnorm_reason,
     used_outside_its_layer_error,
 )
-from .base import Engine, EngineResult, LossFunction, ParameterStatistics, register_engine
+from .base import (
+    CollectSession,
+    Engine,
+    EngineResult,
+    LossFunction,
+    ParameterStatistics,
+    register_engine,
+)
 
 
 def _rnn_problem(module: nn.RNNBase) -> str | None:
@@ -143,8 +150,8 @@ class _CallChecks:
         self.names = {module: name for name, module in modules}
         self.calls: dict[nn.Module, int] = {}
 
-    def before(self, module: nn.Module, args: tuple) -> None:
-        """Forward pre-hook: the refusals."""
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook (with keyword arguments): the refusals."""
         name = self.names[module]
         self.calls[module] = self.calls.get(module, 0) + 1
         if self.calls[module] > 1:
@@ -163,6 +170,13 @@ class _CallChecks:
                 f"BackPACK cannot handle an initial state passed to {type(module).__name__} "
                 f"'{name}' (it assumes zeros and would give wrong statistics). Use "
                 "engine='extensions' or engine='auto'.")
+        if isinstance(module, nn.modules.conv._ConvTransposeNd) and (
+                len(args) > 1 or kwargs.get("output_size") is not None):
+            # an output_size adds output padding that BackPACK's unfolding does not see
+            raise UnsupportedModelError(
+                f"layer '{name}' ({type(module).__name__}) is called with output_size, "
+                "which BackPACK's derivatives do not handle (they crash). Use "
+                "engine='auto' (or engine='extensions' / 'vmap').")
         if args and isinstance(args[0], Tensor):
             self.layouts.batch_axis(args[0], name, type(module).__name__, (0,))
 
@@ -185,6 +199,8 @@ class BackpackEngine(Engine):
     #: gradient fail on mixed dtypes outside autocast; its sums of squares are then in the
     #: autocast dtype (about 3 significant digits in bfloat16)
     autocast_in_backward = True
+    #: its hooks and its ``backpack(...)`` context serve the user's own backward pass
+    serves_collect = True
 
     @classmethod
     def supported_layers(cls) -> dict[type, object]:
@@ -234,37 +250,89 @@ class BackpackEngine(Engine):
         """One forward and one backward pass with BackPACK's ``SumGradSquared`` hooked onto the
         leaf modules: the batch gradient and the sum of squared per-example contributions.
         """
-        from backpack import backpack, hook_run_extensions, hook_store_io, memory_cleanup
+        args = model_inputs(inputs)
+        with _BackpackSession(model, parameters) as session:
+            session.begin(batch_size_of(inputs), args)
+            loss = loss_fn(model(*args), targets)
+            session.check_output(loss)  # before backward: parameters used outside their layer
+            loss.backward()
+            return EngineResult(loss.detach(), batch_size_of(inputs), session.statistics())
+
+    def collect_session(self, model: nn.Module,
+                        parameters: Sequence[nn.Parameter]) -> CollectSession:
+        """BackPACK's hooks and its ``backpack(SumGradSquared())`` context around a forward
+        and backward that the user runs."""
+        reason = self.unsupported_reason(model)
+        if reason is not None:
+            raise UnsupportedModelError(f"engine 'backpack': {reason}")
+        return _BackpackSession(model, parameters)
+
+
+class _BackpackSession(CollectSession):
+    """BackPACK's hooks on the leaf modules, our :class:`_CallChecks`, and BackPACK's
+    ``SumGradSquared`` active for every backward pass until :meth:`close`."""
+
+    def __init__(self, model: nn.Module, parameters: Sequence[nn.Parameter]) -> None:
+        self.model = model
+        self.guarded_parameters = [p for p in parameters if p.requires_grad]
+        self.checks: _CallChecks | None = None
+        self._handles: list = []
+        self._hooked: list[nn.Module] = []
+        self._contexts: list = []
+
+    def __enter__(self) -> "_BackpackSession":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def begin(self, batch_size: int, inputs: Sequence[Tensor]) -> None:
+        """Hook the leaf modules and activate ``SumGradSquared``."""
+        from backpack import backpack, hook_run_extensions, hook_store_io
         from backpack.extensions import SumGradSquared
 
-        args = model_inputs(inputs)
-        checks = _CallChecks(model, args, batch_size_of(inputs), parameters)
-        handles, hooked = [], []
-        try:
-            for _, module in leaf_modules_with_parameters(model):
-                handles.append(module.register_forward_pre_hook(checks.before))
-                handles.append(module.register_forward_hook(checks.after))
-                if getattr(module, "_backpack_extend", False):
-                    continue  # the user extended it already: its hooks are in place
-                handles.append(module.register_forward_hook(hook_store_io))
-                handles.append(module.register_full_backward_hook(hook_run_extensions))
-                hooked.append(module)
-            loss = loss_fn(model(*args), targets)
-            checks.uses.check(loss)  # before backward: parameters used outside their layer
-            with backpack(SumGradSquared()), warnings.catch_warnings():
-                # expected for a first layer whose input needs no gradient: harmless here
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
-            return EngineResult(loss.detach(), batch_size_of(inputs),
-                                _collect_statistics(model, parameters))
-        finally:
-            for handle in handles:
-                handle.remove()
-            for module in hooked:
-                memory_cleanup(module)
-            for param in parameters:  # left behind when the call failed part-way
-                if hasattr(param, "sum_grad_squared"):
-                    del param.sum_grad_squared
+        self.checks = checks = _CallChecks(self.model, inputs, batch_size,
+                                           self.guarded_parameters)
+        for _, module in leaf_modules_with_parameters(self.model):
+            self._handles.append(module.register_forward_pre_hook(checks.before,
+                                                                  with_kwargs=True))
+            self._handles.append(module.register_forward_hook(checks.after))
+            if getattr(module, "_backpack_extend", False):
+                continue  # the user extended it already: its hooks are in place
+            self._handles.append(module.register_forward_hook(hook_store_io))
+            self._handles.append(module.register_full_backward_hook(hook_run_extensions))
+            self._hooked.append(module)
+        caught = warnings.catch_warnings()
+        for context in (backpack(SumGradSquared()), caught):
+            context.__enter__()
+            self._contexts.append(context)
+        # expected for a first layer whose input needs no gradient: harmless here
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+    def check_output(self, output) -> None:
+        """Refuse a parameter that the outputs reach other than through its layer."""
+        for tensor in tensors_in(output):
+            self.checks.uses.check(tensor)
+
+    def statistics(self) -> dict[nn.Parameter, ParameterStatistics]:
+        """``p.grad`` and BackPACK's ``p.sum_grad_squared``."""
+        return _collect_statistics(self.model, self.guarded_parameters)
+
+    def close(self) -> None:
+        """Remove the hooks, BackPACK's stored inputs and leftover ``sum_grad_squared``."""
+        from backpack import memory_cleanup
+
+        while self._contexts:
+            self._contexts.pop().__exit__(None, None, None)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self._hooked:
+            memory_cleanup(module)
+        self._hooked.clear()
+        for param in self.guarded_parameters:  # left behind when the call failed part-way
+            if hasattr(param, "sum_grad_squared"):
+                del param.sum_grad_squared
 
 
 def _collect_statistics(model: nn.Module,

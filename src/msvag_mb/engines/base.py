@@ -18,6 +18,11 @@ its units are, whether it needs or supports several processes, autocast in the b
 pass, ...); ``GradientVariance`` and the runner read those, never an engine's name.
 Engines register themselves by name with :func:`register_engine`; ``GradientVariance``
 looks them up in :data:`ENGINES`, and tests loop over that registry.
+
+An engine that ``serves_collect`` can also take its statistics from a forward and backward
+that the user runs (``GradientVariance.collect``): :meth:`Engine.collect_session` returns a
+:class:`CollectSession`, which hooks the model for that one pass and reads the statistics
+afterwards.
 """
 
 from __future__ import annotations
@@ -32,10 +37,12 @@ from ..model_checks import UnsupportedModelError
 
 __all__ = [
     "ENGINES",
+    "CollectSession",
     "Engine",
     "EngineResult",
     "LossFunction",
     "ParameterStatistics",
+    "StatisticsListener",
     "UnsupportedModelError",
     "register_engine",
 ]
@@ -49,6 +56,11 @@ class ParameterStatistics:
 
     grad: Tensor
     sum_grad_squared: Tensor
+
+
+#: ``on_ready(param, statistics)``: a streaming engine's announcement that ``param``'s
+#: statistics are final (``Engine.streams_statistics``); called during the backward pass
+StatisticsListener = Callable[[nn.Parameter, ParameterStatistics], None]
 
 
 @dataclass
@@ -92,6 +104,15 @@ class Engine(ABC):
     #: runs the model itself (its own forward passes, e.g. per group or under torch.func),
     #: so it cannot take its statistics from a forward and backward that the user runs
     reruns_model: ClassVar[bool] = False
+    #: can take its statistics from a forward and backward that the user runs inside
+    #: ``GradientVariance.collect()`` (implements :meth:`collect_session`)
+    serves_collect: ClassVar[bool] = False
+    #: announces each parameter's statistics during the backward pass, as soon as they are
+    #: final: :meth:`compute` and :meth:`collect_session` take ``on_ready`` (a
+    #: :data:`StatisticsListener`), so that with DDP their all-reduce overlaps the rest of
+    #: the backward pass. Its units are its examples, and what it announces is exactly what
+    #: it returns (parameters it does not announce are taken from the result afterwards).
+    streams_statistics: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -123,6 +144,48 @@ class Engine(ABC):
         independent units whose contributions were summed (examples, or groups for a
         ghost-batch engine). Implementations must not leave hooks or other state behind.
         """
+
+    def collect_session(self, model: nn.Module,
+                        parameters: Sequence[nn.Parameter]) -> "CollectSession":
+        """A :class:`CollectSession` for one user-driven forward and backward of ``model``
+        (only for an engine that declares ``serves_collect``)."""
+        raise NotImplementedError(
+            f"engine '{self.name}' does not serve GradientVariance.collect() "
+            "(serves_collect is False)")
+
+
+class CollectSession(ABC):
+    """The engine's side of one ``GradientVariance.collect()`` block: the user runs one
+    forward of the model and one backward of a loss built from its outputs.
+
+    ``GradientVariance`` calls, in this order: :meth:`begin` when the model's forward starts
+    (the batch size and the model's tensor arguments are known then), :meth:`check_output`
+    when it returns (before any backward: refuse here what the forward revealed),
+    :meth:`statistics` after the block (``p.grad`` then holds this batch's gradient only),
+    and :meth:`close` in every case, also after an error. A session must leave no hooks or
+    other state behind after :meth:`close`. Its units are the batch's examples.
+    """
+
+    #: the parameters whose statistics come from their own layers' calls: any use of one
+    #: outside the model's forward (e.g. an L2 term written into the loss) is refused
+    guarded_parameters: Sequence[nn.Parameter] = ()
+
+    @abstractmethod
+    def begin(self, batch_size: int, inputs: Sequence[Tensor]) -> None:
+        """The model's forward starts: ``batch_size`` examples, along dim 0 of ``inputs``."""
+
+    def check_output(self, output) -> None:
+        """The model's forward returned ``output`` (a tensor or nested tuples, lists,
+        dicts); raise :class:`UnsupportedModelError` here, before the backward pass."""
+
+    @abstractmethod
+    def statistics(self) -> dict[nn.Parameter, ParameterStatistics]:
+        """After the user's backward: ``p.grad`` and ``sum_u c_u**2`` per parameter that
+        received a gradient (``c_u`` as the gradient carries them: the loss's own scale)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Remove every hook and piece of state the session added (idempotent)."""
 
 
 ENGINES: dict[str, type[Engine]] = {}

@@ -11,7 +11,7 @@ One module per idea:
 ``evaluation``           loss and accuracy on a split (:func:`evaluate`)
 ``loop``                 :func:`train`: one run, step by step
 ``collectives``          what the ranks of a ``torchrun`` launch do together
-``results``              :class:`RunResult` and :func:`summarize`
+``results``              :class:`RunResult`, :func:`summarize`, :func:`differing_records`
 ``tuning``               ``msvag-tune``: the step-size grid of App. A.2 and the winner
 ``comparison``           the no-argument comparison of ``msvag-train``
 =======================  ===================================================================
@@ -21,6 +21,7 @@ from .comparison import COMPARISON, compare, plot_comparison
 from .components import build_model, make_gradient_variance, make_optimizer
 from .config import (
     OPTIMIZERS,
+    STEP_PATHS,
     VARIANCES,
     TrainConfig,
     adapts_to_variance,
@@ -30,12 +31,13 @@ from .config import (
 from .evaluation import evaluate
 from .files import RunFileError, holds_run_of, load_run, run_dir_for
 from .loop import RunInterrupted, train
-from .results import RunResult, summarize
+from .results import RunResult, differing_records, summarize
 from .tuning import Tuning, default_lr_max, step_size_grid, tune, write_summary
 
 __all__ = [
     "COMPARISON",
     "OPTIMIZERS",
+    "STEP_PATHS",
     "VARIANCES",
     "RunFileError",
     "RunInterrupted",
@@ -46,6 +48,7 @@ __all__ = [
     "build_model",
     "compare",
     "default_lr_max",
+    "differing_records",
     "engine_choices",
     "evaluate",
     "holds_run_of",

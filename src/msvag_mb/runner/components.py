@@ -20,6 +20,7 @@ from ..problems import Problem, parameter_groups
 from .config import (
     DEFAULT_GHOST_GROUPS,
     OPTIMIZERS,
+    STEP_PATHS,
     TrainConfig,
     adapts_to_variance,
     batchnorm_engine,
@@ -42,11 +43,12 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
     """The optimizer of ``config`` over two groups (weights with L2, the rest without)."""
     cls = OPTIMIZERS[config.optimizer]
     groups = parameter_groups(model, config.weight_decay)
+    path = STEP_PATHS[config.step_path] if config.step_path is not None else {}
     if issubclass(cls, MomentumFamilyOptimizer):
         kwargs = {"variance": config.variance} if adapts_to_variance(config.optimizer) else {}
-        return cls(groups, lr=config.lr, beta=config.beta, **kwargs)
+        return cls(groups, lr=config.lr, beta=config.beta, **kwargs, **path)
     # torch's Adam: its weight_decay adds λθ to the gradient, the paper's L2 loss term
-    return cls(groups, lr=config.lr, betas=(config.beta, 0.999), eps=1e-8)
+    return cls(groups, lr=config.lr, betas=(config.beta, 0.999), eps=1e-8, **path)
 
 
 def make_gradient_variance(config: TrainConfig, problem: Problem, model: nn.Module,

@@ -30,6 +30,15 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
 }
 VARIANCES = ("moving_average", "minibatch")
+#: the implementations of the optimizer's step a run can pin (``--step-path``), as the
+#: keyword arguments both our optimizers and torch's Adam take; a run without one gets the
+#: library's default (ours: the compiled kernel where torch.compile works; Adam's: torch's).
+#: The paths agree to rounding, not bitwise: a record reproduces exactly under its own path.
+STEP_PATHS: dict[str, dict[str, bool]] = {
+    "fused": {"fused": True},
+    "foreach": {"foreach": True, "fused": False},
+    "for-loop": {"foreach": False, "fused": False},
+}
 #: groups of the ghost-batch engine when neither the option nor the problem names them
 DEFAULT_GHOST_GROUPS = 8
 _DISPLAY = {"msgd": "M-SGD", "mssd": "M-SSD", "msvag": "M-SVAG", "svag": "SVAG",
@@ -103,6 +112,8 @@ class TrainConfig:
     data: str = "real"
     #: processes of a torchrun launch (dropout masks are drawn per rank)
     world_size: int = 1
+    #: a key of :data:`STEP_PATHS`, or ``None``: the library's default step implementation
+    step_path: str | None = None
 
     def resolved(self) -> "TrainConfig":
         """A copy with every problem default filled in and checked."""
@@ -121,6 +132,8 @@ class TrainConfig:
         if lr is None:
             raise ValueError(f"no default step size for {self.optimizer} on {self.problem}; "
                              "pass --lr (msvag-tune finds one).")
+        if self.step_path is not None:
+            _check_choice("step path", self.step_path, STEP_PATHS)
         if self.data not in ("real", "synthetic"):
             raise ValueError(f"Invalid data: {self.data!r} (use 'real' or 'synthetic')")
         steps = self.steps if self.steps is not None else problem.steps

@@ -51,3 +51,26 @@ def summarize(results: list[RunResult]) -> str:
             f"{final['test_accuracy']:>8.4f} {result.best_test_accuracy:>8.4f}"
         )
     return "\n".join(lines)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, with NaN equal to NaN (a diverged run records NaN losses)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+
+
+def differing_records(recorded: list[dict[str, Any]], rerun: list[dict[str, Any]],
+                      until: int) -> list[str]:
+    """How the records of a rerun differ from the recorded ones up to step ``until``
+    (empty: identical, bit for bit, in every field); a record missing on either side is a
+    difference."""
+    wanted = {r["step"]: r for r in recorded if r["step"] <= until}
+    got = {r["step"]: r for r in rerun if r["step"] <= until}
+    differences = [f"step {step}: only in the {'recorded run' if step in wanted else 'rerun'}"
+                   for step in sorted(set(wanted) ^ set(got))]
+    for step in sorted(set(wanted) & set(got)):
+        fields = sorted(k for k in set(wanted[step]) | set(got[step])
+                        if not _same(wanted[step].get(k), got[step].get(k)))
+        differences += [f"step {step}: {k} recorded {wanted[step].get(k)!r}, rerun "
+                        f"{got[step].get(k)!r}" for k in fields]
+    return differences
+

@@ -1,0 +1,149 @@
+"""``nn.ConvTranspose1d/2d/3d``: ``sum_n c_n**2`` from the input X and output gradient G.
+
+A transposed convolution is the adjoint of the convolution ``C_W`` with the same weight
+``W`` ``(in, out/groups, *k)`` that maps the output's space back to the input's:
+``y = C_W^T x``, so ``<G, C_W^T x> = <C_W G, x>`` and example n's weight contribution is
+the weight gradient of that convolution *applied to* ``G_n`` *with output gradient*
+``X_n``; per spatial dim, within each group,
+
+    c_n[i, o, j] = sum_l X_n[i, l] G_n[o, l * stride - padding + j * dilation],
+
+where positions outside ``G_n`` count as zero. Its bias contribution is
+``sum_l G_n[:, l]``, as for a convolution. Two exact ways to form a chunk's per-example
+weight gradients, then squared and summed (the same choices as ``conv.py``):
+
+* grouped transposed convolution: fold the examples into the channels and take the weight
+  gradient of one transposed convolution with ``B * groups`` groups (one ATen kernel);
+* unfold: the windows of the output gradient at the input's locations,
+  ``U_n = patches(G_n)`` ``(out/groups * prod(k), L_in)`` per group, give
+  ``c_n = X_n U_n^T``, one ``bmm``.
+
+``output_padding``, and the ``output_size`` argument of ``forward`` that chooses it, only
+lengthen the output at its far end; the padding actually applied is read off the shapes
+of the input and the output gradient, so both are handled without seeing the arguments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from msvag_mb.model_checks import unbatched_input_error
+
+from .conv import conv_bias_sum_grad_squared, patches
+from .core import (
+    CACHE_BUDGET_ELEMENTS,
+    MEMORY_BUDGET_ELEMENTS,
+    LayerContext,
+    OutputGradientExtension,
+    chunk_size,
+    register_extension,
+)
+
+
+#: the grouped-convolution path is used from this many rows per group of the unfolded
+#: output gradient (``out_channels / groups * prod(kernel_size)``), unfold + bmm below
+#: (measured on 1-, 2- and 3-d layers)
+GROUPED_MIN_PATCH = 128
+
+
+def output_padding_of(module: nn.modules.conv._ConvTransposeNd, inputs: Tensor,
+                      grad_output: Tensor) -> list[int]:
+    """The ``output_padding`` the forward applied: the output's extent beyond
+    ``(L_in - 1) * stride - 2 * padding + dilation * (k - 1) + 1``, per spatial dim."""
+    return [
+        size_out - ((size_in - 1) * s - 2 * p + d * (k - 1) + 1)
+        for size_in, size_out, s, p, d, k in zip(
+            inputs.shape[2:], grad_output.shape[2:], module.stride, module.padding,
+            module.dilation, module.kernel_size)
+    ]
+
+
+def _per_example_by_grouped_conv(module: nn.modules.conv._ConvTransposeNd, inputs: Tensor,
+                                 grad_output: Tensor) -> Tensor:
+    """Per-example weight gradients ``(B, in, out/groups, *k)`` as the weight gradient of
+    one transposed convolution whose groups are (example, group) pairs."""
+    batch, groups = inputs.shape[0], module.groups
+    weight_shape = (batch * module.in_channels, *module.weight.shape[1:])
+    per_example = torch.ops.aten.convolution_backward(
+        grad_output.reshape(1, -1, *grad_output.shape[2:]),
+        inputs.reshape(1, -1, *inputs.shape[2:]),
+        grad_output.new_empty(weight_shape),  # only its shape is used (uninitialised)
+        None, list(module.stride), list(module.padding), list(module.dilation), True,
+        output_padding_of(module, inputs, grad_output), batch * groups,
+        (False, True, False),
+    )[1]
+    return per_example.view(batch, *module.weight.shape)
+
+
+def _per_example_by_unfold(module: nn.modules.conv._ConvTransposeNd, inputs: Tensor,
+                           grad_output: Tensor) -> Tensor:
+    """Per-example weight gradients ``(B, in, out/groups, *k)`` as ``X_n U_n^T`` with the
+    output gradient's windows ``U_n`` at the input's locations."""
+    # pad by `padding` in front and `padding - output_padding` behind (negative: crop),
+    # so that the windows start at -padding and there are exactly L_in of them per dim
+    pads = []
+    for p, extra in zip(reversed(module.padding),
+                        reversed(output_padding_of(module, inputs, grad_output))):
+        pads += [p, p - extra]
+    windows = patches(F.pad(grad_output, pads), module.kernel_size, module.dilation,
+                      module.stride, (0,) * len(module.kernel_size))
+    batch, groups = inputs.shape[0], module.groups
+    locations = windows.shape[-1]
+    per_example = torch.bmm(
+        inputs.reshape(batch * groups, module.in_channels // groups, locations),
+        windows.view(batch * groups, module.weight[0].numel(), locations).transpose(1, 2))
+    return per_example.view(batch, *module.weight.shape)
+
+
+def conv_transpose_weight_sum_grad_squared(module: nn.modules.conv._ConvTransposeNd,
+                                           inputs: Tensor, grad_output: Tensor) -> Tensor:
+    """``sum_n (per-example weight gradient)**2``, shaped like ``module.weight``."""
+    # weight[0]: out/groups * prod(k), the rows of one group's unfolded output gradient
+    grouped = module.weight[0].numel() >= GROUPED_MIN_PATCH
+    per_example_weights = _per_example_by_grouped_conv if grouped else _per_example_by_unfold
+    locations = math.prod(inputs.shape[2:])
+    step = min(chunk_size(module.weight.numel(), CACHE_BUDGET_ELEMENTS),
+               chunk_size(module.out_channels * module.weight[0, 0].numel() * locations,
+                          MEMORY_BUDGET_ELEMENTS))
+    result = None
+    for start in range(0, inputs.shape[0], step):
+        per_example = per_example_weights(module, inputs[start:start + step],
+                                          grad_output[start:start + step])
+        if result is None:
+            result = per_example.square_().sum(0)
+        else:
+            result += per_example.square_().sum(0)
+    return result
+
+
+@register_extension
+class ConvTransposeExtension(OutputGradientExtension):
+    """``nn.ConvTranspose1d/2d/3d`` with any stride, padding, output padding (or
+    ``output_size``), dilation and groups."""
+
+    module_types = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+    def batch_axis(self, module: nn.Module, inputs: Tensor, context: LayerContext) -> int:
+        """Dim 0; an unbatched input (no examples dim) is refused."""
+        if inputs.dim() != 2 + len(module.kernel_size):
+            raise unbatched_input_error(context.name, type(module).__name__, inputs.shape)
+        return super().batch_axis(module, inputs, context)
+
+    def batch_axes(self, module: nn.Module, inputs: Tensor) -> tuple[int, ...]:
+        """Only dim 0: a transposed convolution mixes the entries of every other dim."""
+        return (0,)
+
+    def sum_grad_squared(self, module: nn.Module, inputs: Tensor, grad_output: Tensor,
+                         requested: frozenset[str]) -> dict[str, Tensor]:
+        """``sum_n c_n**2`` of ``weight`` (per-example gradients in chunks) and ``bias``."""
+        result = {}
+        if "weight" in requested:
+            result["weight"] = conv_transpose_weight_sum_grad_squared(module, inputs,
+                                                                      grad_output)
+        if "bias" in requested:
+            result["bias"] = conv_bias_sum_grad_squared(grad_output)
+        return result

@@ -146,12 +146,9 @@ def conv_bias_sum_grad_squared(grad_output: Tensor) -> Tensor:
     return per_example.square().sum(0)
 
 
-@register_extension
-class ConvExtension(OutputGradientExtension):
-    """``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` with any padding (and padding mode),
-    stride, dilation and groups."""
-
-    module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class ConvolutionFamilyExtension(OutputGradientExtension):
+    """Convolutions and transposed convolutions: examples on dim 0 only, the weight's
+    statistic from :meth:`weight_sum_grad_squared`, the bias's from the output gradient."""
 
     def batch_axis(self, module: nn.Module, inputs: Tensor, context: LayerContext) -> int:
         """Dim 0; an unbatched input (no examples dim) is refused."""
@@ -160,15 +157,33 @@ class ConvExtension(OutputGradientExtension):
         return super().batch_axis(module, inputs, context)
 
     def batch_axes(self, module: nn.Module, inputs: Tensor) -> tuple[int, ...]:
-        """Only dim 0: a convolution mixes the entries of every other dim."""
+        """Only dim 0: a (transposed) convolution mixes the entries of every other dim."""
         return (0,)
+
+    def weight_sum_grad_squared(self, module: nn.Module, inputs: Tensor,
+                                grad_output: Tensor) -> Tensor:
+        """``sum_n c_n**2`` of the weight (the layer type's maths)."""
+        raise NotImplementedError
 
     def sum_grad_squared(self, module: nn.Module, inputs: Tensor, grad_output: Tensor,
                          requested: frozenset[str]) -> dict[str, Tensor]:
         """``sum_n c_n**2`` of ``weight`` (per-example gradients in chunks) and ``bias``."""
         result = {}
         if "weight" in requested:
-            result["weight"] = conv_weight_sum_grad_squared(module, inputs, grad_output)
+            result["weight"] = self.weight_sum_grad_squared(module, inputs, grad_output)
         if "bias" in requested:
             result["bias"] = conv_bias_sum_grad_squared(grad_output)
         return result
+
+
+@register_extension
+class ConvExtension(ConvolutionFamilyExtension):
+    """``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` with any padding (and padding mode),
+    stride, dilation and groups."""
+
+    module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    def weight_sum_grad_squared(self, module: nn.Module, inputs: Tensor,
+                                grad_output: Tensor) -> Tensor:
+        """Unfolded patches against the output gradient (:func:`conv_weight_sum_grad_squared`)."""
+        return conv_weight_sum_grad_squared(module, inputs, grad_output)

@@ -31,14 +31,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from msvag_mb.model_checks import unbatched_input_error
-
-from .conv import conv_bias_sum_grad_squared, patches
+from .conv import ConvolutionFamilyExtension, patches
 from .core import (
     CACHE_BUDGET_ELEMENTS,
     MEMORY_BUDGET_ELEMENTS,
-    LayerContext,
-    OutputGradientExtension,
     chunk_size,
     register_extension,
 )
@@ -121,29 +117,14 @@ def conv_transpose_weight_sum_grad_squared(module: nn.modules.conv._ConvTranspos
 
 
 @register_extension
-class ConvTransposeExtension(OutputGradientExtension):
+class ConvTransposeExtension(ConvolutionFamilyExtension):
     """``nn.ConvTranspose1d/2d/3d`` with any stride, padding, output padding (or
     ``output_size``), dilation and groups."""
 
     module_types = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
-    def batch_axis(self, module: nn.Module, inputs: Tensor, context: LayerContext) -> int:
-        """Dim 0; an unbatched input (no examples dim) is refused."""
-        if inputs.dim() != 2 + len(module.kernel_size):
-            raise unbatched_input_error(context.name, type(module).__name__, inputs.shape)
-        return super().batch_axis(module, inputs, context)
-
-    def batch_axes(self, module: nn.Module, inputs: Tensor) -> tuple[int, ...]:
-        """Only dim 0: a transposed convolution mixes the entries of every other dim."""
-        return (0,)
-
-    def sum_grad_squared(self, module: nn.Module, inputs: Tensor, grad_output: Tensor,
-                         requested: frozenset[str]) -> dict[str, Tensor]:
-        """``sum_n c_n**2`` of ``weight`` (per-example gradients in chunks) and ``bias``."""
-        result = {}
-        if "weight" in requested:
-            result["weight"] = conv_transpose_weight_sum_grad_squared(module, inputs,
-                                                                      grad_output)
-        if "bias" in requested:
-            result["bias"] = conv_bias_sum_grad_squared(grad_output)
-        return result
+    def weight_sum_grad_squared(self, module: nn.Module, inputs: Tensor,
+                                grad_output: Tensor) -> Tensor:
+        """The adjoint convolution's per-example gradients
+        (:func:`conv_transpose_weight_sum_grad_squared`)."""
+        return conv_transpose_weight_sum_grad_squared(module, inputs, grad_output)

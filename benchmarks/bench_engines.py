@@ -270,6 +270,8 @@ class Methods:
     holders: list = field(default_factory=list)  # what holds results between calls
     skipped: dict[str, str] = field(default_factory=dict)  # name -> first line of refusal
     gvs: dict[str, msvag_mb.GradientVariance] = field(default_factory=dict)
+    #: name -> the engine whose numbers it computes another way: refused where that is
+    prerequisites: dict[str, str] = field(default_factory=dict)
 
 
 def methods(model: nn.Module, loss_fn) -> Methods:
@@ -309,15 +311,41 @@ def _engines_alone(model: nn.Module, loss_fn, found: Methods) -> None:
         found.runs[name] = run
 
 
+def _refused_by(engine: str) -> str:
+    return f"the {engine} engine refuses the model (above)"
+
+
+def _extend_for_backpack(model: nn.Module) -> nn.Module:
+    """``backpack.extend(model)`` as BackPACK's users write it, except for the modules that
+    own no parameters and hold a submodule named ``output`` or ``input<i>`` (the P4
+    ``CharRNN.output``): BackPACK's forward hook stores every hooked module's output and
+    inputs under those names, which fails on a submodule, and its first-order extensions
+    read only the layers that own parameters. Those modules carry BackPACK's mark of an
+    extended module, so ``extend`` passes over them (not over their submodules)."""
+    from backpack import extend
+
+    def backpack_io_name(name: str) -> bool:
+        return name == "output" or (name.startswith("input") and name[5:].isdigit())
+
+    for module in model.modules():
+        owns_parameters = any(p is not None for p in module._parameters.values())
+        if not owns_parameters and any(map(backpack_io_name, module._modules)):
+            module._backpack_extend = True
+    return extend(model)
+
+
 def _backpack_variance(model: nn.Module, loss_fn, found: Methods) -> None:
     if msvag_mb.ENGINES["backpack"].unsupported_reason(model) is not None:
-        found.skipped[BACKPACK_VARIANCE] = "the backpack engine refuses the model (above)"
+        found.skipped[BACKPACK_VARIANCE] = _refused_by("backpack")
         return
     from backpack import backpack, extend
     from backpack.extensions import Variance
 
+    # exact only where the backpack engine is (e.g. not with a carried LSTM state, which
+    # BackPACK takes for zeros); that engine refuses such models when it runs them
+    found.prerequisites[BACKPACK_VARIANCE] = "backpack"
     try:
-        extended = extend(copy.deepcopy(model))
+        extended = _extend_for_backpack(copy.deepcopy(model))
         extended_loss = extend(copy.deepcopy(loss_fn))
     except Exception as error:  # noqa: BLE001 - report and measure the rest
         found.skipped[BACKPACK_VARIANCE] = first_line(error)
@@ -355,6 +383,10 @@ def usable(found: Methods, batch) -> dict[str, Callable]:
     carried LSTM state, a layer the extensions cannot trace) move to ``found.skipped``."""
     keep = {}
     for name, run in found.runs.items():
+        prerequisite = found.prerequisites.get(name)
+        if prerequisite in found.skipped:
+            found.skipped[name] = _refused_by(prerequisite)
+            continue
         try:
             run(*batch)
             keep[name] = run

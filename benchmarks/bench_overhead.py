@@ -37,25 +37,20 @@ from msvag_mb import batch_statistics, gradient_variance
 from msvag_mb.extensions import ExampleLayouts, SumGradSquaredHooks
 from msvag_mb.gradient_variance import GradientVariance
 
-#: (owner, attribute, label): what is timed; indentation in the label shows the nesting
-TIMED_METHODS = [
-    (GradientVariance, "zero_grad", "zero_grad"),
-    (GradientVariance, "backward", "backward"),
-    (GradientVariance, "_prepare", "  _prepare"),
-    (GradientVariance, "_start_cycle", "    _start_cycle"),
-    (GradientVariance, "_batch_statistics", "  _batch_statistics"),
-    (GradientVariance, "_combine", "  _combine"),
-    (GradientVariance, "_check_finite", "    _check_finite"),
-    (GradientVariance, "_commit", "  _commit"),
-]
-TIMED_FUNCTIONS = [
-    (gradient_variance, "engine_candidates", "    engine_candidates"),
-    (gradient_variance, "in_parameter_dtype", "    in_parameter_dtype"),
-    (gradient_variance, "combined_statistics", "    combined_statistics"),
-    (batch_statistics, "single_batch_variance", "      single_batch_variance"),
-    (gradient_variance, "all_finite", "      all_finite"),
-    (gradient_variance, "set_grad_variance", "    set_grad_variance"),
-]
+def _steps(owner, *steps: tuple[int, str]) -> list[tuple[object, str, str]]:
+    """``(owner, attribute, label)`` for each ``(depth, attribute)`` of ``owner``: the label
+    is the attribute's name, indented two spaces per level of nesting of the calls."""
+    return [(owner, attribute, "  " * depth + attribute) for depth, attribute in steps]
+
+
+#: what is timed: the steps of GradientVariance, and the functions they call
+TIMED_METHODS = _steps(GradientVariance, (0, "zero_grad"), (0, "backward"), (1, "_prepare"),
+                       (2, "_start_cycle"), (1, "_batch_statistics"), (1, "_combine"),
+                       (2, "_check_finite"), (1, "_commit"))
+TIMED_FUNCTIONS = (
+    _steps(gradient_variance, (2, "engine_candidates"), (2, "in_parameter_dtype"),
+           (2, "combined_statistics"), (3, "all_finite"), (2, "set_grad_variance"))
+    + _steps(batch_statistics, (3, "single_batch_variance")))
 #: inside the extensions engine's compute (only described in the report: not ours to change)
 TIMED_EXTENSIONS = [
     (SumGradSquaredHooks, "__enter__", "      hooks attach"),

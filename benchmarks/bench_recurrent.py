@@ -46,35 +46,11 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 import msvag_mb
 from msvag_mb.problems.models import CharRNN, SequenceCrossEntropy
 
-
-class BidirectionalGRU(nn.Module):
-    """One 2-layer bidirectional nn.GRU(128, 128) and a Linear(256, 83) per step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gru = nn.GRU(128, 128, num_layers=2, bidirectional=True, batch_first=True)
-        self.output = nn.Linear(256, 83)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output(self.gru(x)[0])
-
-
-class TwoLayerCharLSTM(nn.Module):
-    """Embedding(83, 128) + one nn.LSTM(128, 128, num_layers=2) + Linear(128, 83)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(83, 128)
-        self.lstm = nn.LSTM(128, 128, num_layers=2, batch_first=True)
-        self.output = nn.Linear(128, 83)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.output(self.lstm(self.embedding(tokens))[0])
+from bench_engines import BidirectionalGRU, TwoLayerCharLSTM, _vm  # the same models, RSS
 
 
 def _tokens(generator):
@@ -130,15 +106,6 @@ def time_here(name: str, repeats: int, threads: int) -> dict[str, float]:
             run()
             times[method].append(time.perf_counter() - start)
     return {method: statistics.median(t) for method, t in times.items()}
-
-
-def _vm(field: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process in KiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def tensor_peak(run) -> int:

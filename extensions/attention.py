@@ -23,6 +23,13 @@ hooked (``F.scaled_dot_product_attention`` where ``need_weights=False``; dropout
 attention weights in train mode is drawn by it, elementwise, so the examples stay
 independent). It takes the examples along the batch axis ``batch_first`` declares;
 unbatched and nested inputs are refused.
+
+A parameter used several times in one forward pass (the layer called again, as in a block
+applied repeatedly, or ``out_proj.weight`` tied to another layer) gets each call's
+per-example contributions instead, added to those of its other uses before squaring
+(:mod:`~msvag_mb.extensions.reuse`): ``G_n^T X_n`` kept factored for a weight,
+``sum_t G_nt`` for a bias, the row's gradient for ``bias_k``/``bias_v``; a call that uses
+the packed in-projection in row blocks hands over one use with each block at its rows.
 """
 
 from __future__ import annotations
@@ -38,31 +45,98 @@ from msvag_mb.model_checks import UnsupportedModelError
 
 from .core import LayerContext, ModuleExtension, Removable, register_extension
 from .linear import linear_sum_grad_squared
+from .reuse import DenseUse, ProductUse, RowBlocksUse
 
 
 class _Statistics:
-    """Collects the statistics of one call during the backward pass: a parameter used in
-    row blocks (the packed in-projection) is emitted once all its blocks have arrived."""
+    """Collects the statistics of one call during the backward pass.
+
+    A parameter used once (:meth:`LayerContext.reused` is without it) gets its
+    ``sum_n c_n**2``; one used several times in the forward pass (the layer called again,
+    tied to another layer) gets this call's per-example contributions handed over as one
+    use, added to its other uses' before squaring. A parameter the call uses in row blocks
+    (the packed in-projection on distinct query, key and value, :meth:`row_blocks`) is
+    closed once its gradient in this call is complete: the blocks that reached the loss
+    are stacked at their rows (zeros elsewhere, which got no gradient), or handed over
+    together as a :class:`~msvag_mb.extensions.reuse.RowBlocksUse`."""
 
     def __init__(self, context: LayerContext) -> None:
         self.context = context
-        self.expected: dict[str, int] = {}
-        self.blocks: dict[str, dict[int, Tensor]] = {}
+        self.blocks: dict[str, dict[int, object]] = {}
+        self.in_blocks: set[str] = set()
 
     def expect(self, name: str, offset: int) -> bool:
         """Announce a block of ``name`` at row ``offset``; ``False``: not requested."""
         if name not in self.context.requested:
             return False
-        self.expected[name] = self.expected.get(name, 0) + 1
         self.blocks.setdefault(name, {})[offset] = None
         return True
 
+    def reused(self) -> frozenset[str]:
+        """The parameters whose contributions are handed over as uses (decided before the
+        backward pass)."""
+        return self.context.reused()
+
+    def row_blocks(self, param: Tensor, name: str) -> Tensor:
+        """``param`` as this call will slice it into row blocks: an alias whose gradient
+        hook runs after every block that reached the loss has reported (autograd runs a
+        node once all its inputs' producers have run), and closes ``name``."""
+        if name not in self.context.requested:
+            return param
+        alias = param.view_as(param)
+        if alias.requires_grad:
+            self.in_blocks.add(name)
+            alias.register_hook(lambda grad: self._close(name))
+        return alias
+
     def add(self, name: str, offset: int, value: Tensor) -> None:
-        """One block's ``sum_n c_n**2``; the whole parameter's once every block is in."""
-        blocks = self.blocks[name]
-        blocks[offset] = value
-        if all(v is not None for v in blocks.values()):
-            self.context.emit(name, torch.cat([blocks[k] for k in sorted(blocks)]))
+        """One block's ``sum_n c_n**2``."""
+        self.blocks[name][offset] = value
+        if name not in self.in_blocks:
+            self.context.emit(name, value)
+
+    def add_use(self, name: str, offset: int, use) -> None:
+        """One block's per-example contributions (a
+        :class:`~msvag_mb.extensions.reuse.PerExampleUse`)."""
+        self.blocks[name][offset] = use
+        if name not in self.in_blocks:
+            self.context.add_use(name, use)
+
+    def _close(self, name: str) -> None:
+        """This call's statistic of ``name`` from the blocks that got a gradient."""
+        arrived = {o: v for o, v in self.blocks[name].items() if v is not None}
+        if not arrived:
+            return
+        param = self.context.parameters[name]
+        if name in self.reused():
+            combined = RowBlocksUse(param.shape)
+            for offset, use in arrived.items():
+                combined.place(offset, use)
+            self.context.add_use(name, combined)
+            return
+        total = next(iter(arrived.values())).new_zeros(param.shape)
+        for offset, value in arrived.items():
+            total[offset:offset + value.shape[0]] = value
+        self.context.emit(name, total)
+
+
+def _report_linear(statistics: _Statistics, inputs: Tensor, grad: Tensor,
+                   names: tuple[str | None, str | None], offsets: tuple[int, int]) -> None:
+    """The statistics of a tracked ``F.linear`` (``names``: weight's and bias's, ``None``
+    where not requested) from its batch-first input and output gradient: per-example
+    uses (``G_n^T X_n`` factored, ``sum_t G_nt``) for reused parameters, else
+    ``sum_n c_n**2`` by the Linear layer's maths."""
+    reused = statistics.reused()
+    single = [name is not None and name not in reused for name in names]
+    if any(single):
+        squares = linear_sum_grad_squared(inputs, grad, weight=single[0], bias=single[1])
+        for name, offset, value in zip(names, offsets, squares):
+            if value is not None:
+                statistics.add(name, offset, value)
+    if names[0] in reused:
+        statistics.add_use(names[0], offsets[0], ProductUse(grad, inputs))
+    if names[1] in reused:
+        statistics.add_use(names[1], offsets[1], DenseUse(grad.sum(1)))
 
 
 def tracked_linear(statistics: _Statistics, x: Tensor, weight: Tensor, bias: Tensor | None,
@@ -75,6 +149,7 @@ def tracked_linear(statistics: _Statistics, x: Tensor, weight: Tensor, bias: Ten
     want_bias = bias is not None and statistics.expect(names[1], offsets[1])
     if (want_weight or want_bias) and y.requires_grad:
         version, dtype = x._version, weight.dtype
+        wanted = (names[0] if want_weight else None, names[1] if want_bias else None)
 
         def on_output_gradient(grad: Tensor) -> None:
             if x._version != version:
@@ -83,12 +158,7 @@ def tracked_linear(statistics: _Statistics, x: Tensor, weight: Tensor, bias: Ten
                     "after the layer ran, so its per-example statistics cannot be computed; "
                     "avoid the in-place operation.")
             inputs = x.detach().to(dtype) if x.is_floating_point() else x.detach()
-            weight_sq, bias_sq = linear_sum_grad_squared(
-                inputs, grad.detach().to(dtype), weight=want_weight, bias=want_bias)
-            if want_weight:
-                statistics.add(names[0], offsets[0], weight_sq)
-            if want_bias:
-                statistics.add(names[1], offsets[1], bias_sq)
+            _report_linear(statistics, inputs, grad.detach().to(dtype), wanted, offsets)
 
         y.register_hook(on_output_gradient)
     return y
@@ -99,9 +169,16 @@ def tracked_bias_row(statistics: _Statistics, parameter: Tensor, name: str,
     """``bias_k``/``bias_v`` ``(1, 1, E)`` as one extra row per example ``(B, 1, E)``;
     example n's contribution is the gradient of its row."""
     rows = parameter.reshape(1, 1, -1).expand(batch, 1, parameter.shape[-1])
+
+    def on_rows_gradient(grad: Tensor) -> None:
+        contributions = grad.detach().to(parameter.dtype).reshape(batch, *parameter.shape)
+        if name in statistics.reused():
+            statistics.add_use(name, 0, DenseUse(contributions))
+        else:
+            statistics.add(name, 0, contributions.square().sum(0))
+
     if statistics.expect(name, 0) and rows.requires_grad:
-        rows.register_hook(lambda grad: statistics.add(
-            name, 0, grad.detach().to(parameter.dtype).square().sum(0).view(parameter.shape)))
+        rows.register_hook(on_rows_gradient)
     return rows
 
 
@@ -131,6 +208,8 @@ def _in_projections(module: nn.MultiheadAttention, statistics: _Statistics, quer
     """``(q, k, v)`` batch-first ``(B, T, E)``; ``same``: (query is key, key is value)."""
     e = module.embed_dim
     bias = module.in_proj_bias
+    if bias is not None and not all(same):  # sliced into the blocks of q, k and v
+        bias = statistics.row_blocks(bias, "in_proj_bias")
     biases = (None, None, None) if bias is None else (bias[:e], bias[e:2 * e], bias[2 * e:])
     if not module._qkv_same_embed_dim:
         weights = (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
@@ -141,6 +220,7 @@ def _in_projections(module: nn.MultiheadAttention, statistics: _Statistics, quer
     weight, names = module.in_proj_weight, ("in_proj_weight", "in_proj_bias")
     if all(same):  # self-attention: one map for q, k and v
         return tracked_linear(statistics, query, weight, bias, names).chunk(3, dim=-1)
+    weight = statistics.row_blocks(weight, names[0])
     q = tracked_linear(statistics, query, weight[:e], biases[0], names)
     if same[1]:  # key is value: one map for k and v
         kv_bias = None if bias is None else bias[e:]
@@ -276,6 +356,11 @@ class MultiheadAttentionExtension(ModuleExtension):
     ``bias_v``, ``add_zero_attn``, masks, ``is_causal``, attention weights, dropout."""
 
     module_types = (nn.MultiheadAttention,)
+
+    #: its calls hand over per-example contributions (:class:`_Statistics`): the layer may
+    #: be called several times (a block applied repeatedly) or share a parameter with
+    #: another layer
+    supports_reuse = True
 
     def claimed_submodules(self, module: nn.Module) -> tuple[str, ...]:
         """``out_proj``: the layer uses its parameters without calling it."""

@@ -18,6 +18,18 @@ each tensor argument comes from :class:`~msvag_mb.extensions.layout.ExampleLayou
 arguments without examples are shared by all examples (``in_dims=None``), and so are
 buffers and other constants. This is what Opacus does for layers it has no rule for.
 
+A parameter the forward pass uses several times (the module called twice, its parameter
+tied to another layer's, or also used outside the module, ``x * module.scale``) gets, in
+example n's gradient, ``c_n = sum_u c_nu`` over its uses, and ``sum_n c_n**2`` needs the
+cross terms. Each call therefore keeps its own re-run (:class:`_GenericCall`: the chunks
+of the first call must survive the second call's forward), and for such a parameter its
+backward hands over the contributions themselves, ``c_nu`` for all ``B`` examples
+(:class:`~msvag_mb.extensions.reuse.DenseUse`), which
+:mod:`~msvag_mb.extensions.reuse` adds to those of the other uses before squaring.
+That holds ``B`` copies of the parameter per call until all uses have arrived: for a
+module whose maths is unknown there is no cheaper exact form (no factored ``L_n^T R_n``
+as for a Linear); a parameter used once is squared chunk by chunk as above.
+
 Everything that would make the result inexact is refused during the forward pass, before
 any backward: the re-run must give the module's own output (else its examples are not
 independent, its output's examples cannot be located, or its forward depends on
@@ -31,7 +43,7 @@ hooks of its own (e.g. ``weight_norm``), is refused before the model runs.
 from __future__ import annotations
 
 import weakref
-from typing import Sequence
+from typing import Container, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +66,7 @@ from .core import (
     register_fallback_extension,
 )
 from .layout import MIXED, NO_EXAMPLES, ExampleLayouts
+from .reuse import DenseUse
 
 _USE_VMAP = "use engine='vmap' (engine='auto' falls back to it)"
 
@@ -163,25 +176,42 @@ class _Chunk:
         self.start, self.thetas, self.outputs = start, thetas, outputs
 
 
-def sum_grad_squared(chunks: list[_Chunk], axes: list[int], grads: Sequence[Tensor | None],
-                     names: Sequence[str]) -> dict[str, Tensor]:
-    """``{name: sum_n c_n**2}`` from the output gradients ``grads`` (``None``: no gradient)
-    of the outputs whose batch axes are ``axes``, one chunk of examples at a time."""
-    result: dict[str, Tensor] = {}
+def chunk_contributions(chunk: _Chunk, axes: Sequence[int], grads: Sequence[Tensor | None],
+                        names: Sequence[str]) -> list[Tensor]:
+    """``c_n = J_n^T G_n`` for the examples of one chunk, ``(size, *shape)`` per name in
+    ``names`` (zeros where the outputs that got a gradient do not depend on it): the vjp
+    of the re-run's outputs at the output gradients ``grads`` (``None``: no gradient) of
+    the outputs whose examples lie along ``axes``."""
+    size = next(iter(chunk.thetas.values())).shape[0]
+    used = [(out, g.narrow(axis, chunk.start, size).movedim(axis, 0).unsqueeze(axis + 1)
+             .to(out.dtype))
+            for out, g, axis in zip(chunk.outputs, grads, axes)
+            if g is not None and out.requires_grad]
+    thetas = [chunk.thetas[n] for n in names]
+    per_example = torch.autograd.grad([o for o, _ in used], thetas, [g for _, g in used],
+                                      allow_unused=True) if used else [None] * len(names)
+    return [c if c is not None else torch.zeros_like(theta)
+            for theta, c in zip(thetas, per_example)]
+
+
+def call_statistics(chunks: list[_Chunk], axes: Sequence[int],
+                    grads: Sequence[Tensor | None], names: Sequence[str],
+                    reused: Container[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``({name: sum_n c_n**2}, {name: c})`` of one call from its output gradients, one
+    chunk of examples at a time: squared and summed for the parameters used once, the
+    contributions themselves (``c[n] = c_n``, ``(B, *shape)``) for those in ``reused``
+    (added to their other uses' before squaring, :mod:`~msvag_mb.extensions.reuse`)."""
+    squares: dict[str, Tensor] = {}
+    kept: dict[str, list[Tensor]] = {n: [] for n in names if n in reused}
     for chunk in chunks:
-        size = next(iter(chunk.thetas.values())).shape[0]
-        used = [(out, g.narrow(axis, chunk.start, size).movedim(axis, 0).unsqueeze(axis + 1)
-                 .to(out.dtype))
-                for out, g, axis in zip(chunk.outputs, grads, axes)
-                if g is not None and out.requires_grad]
-        thetas = [chunk.thetas[n] for n in names]
-        per_example = torch.autograd.grad([o for o, _ in used], thetas, [g for _, g in used],
-                                          allow_unused=True) if used else [None] * len(names)
-        for name, theta, c in zip(names, thetas, per_example):
-            value = c.square().sum(0) if c is not None else theta.new_zeros(theta.shape[1:])
-            result[name] = value if name not in result else result[name].add_(value)
+        for name, c in zip(names, chunk_contributions(chunk, axes, grads, names)):
+            if name in kept:
+                kept[name].append(c)
+            else:
+                value = c.square().sum(0)
+                squares[name] = value if name not in squares else squares[name].add_(value)
         chunk.thetas = chunk.outputs = None  # free the chunk's graph
-    return result
+    return squares, {name: torch.cat(values) for name, values in kept.items()}
 
 
 #: (module type, training, per-leaf shape, dtype and axis) already run backward per example
@@ -241,16 +271,44 @@ def _changed_in_place_error(context: LayerContext, module: nn.Module,
 
 
 class _GenericCall:
+    """One call of an attached module: its re-run's chunks and the examples' axes of its
+    outputs, kept until that call's output gradient arrives (a module called several times
+    in one forward pass has one of these per call)."""
+
+    def __init__(self, context: LayerContext, names: Sequence[str], chunks: list[_Chunk],
+                 axes: list[int]) -> None:
+        self.context, self.names = context, names
+        self.chunks: list[_Chunk] | None = chunks
+        self.axes = axes
+
+    def on_output_gradients(self, grads: Sequence[Tensor | None]) -> None:
+        """Emit ``sum_n c_n**2`` of the parameters used once; hand the contributions of
+        those used several times to their accumulators."""
+        chunks, self.chunks = self.chunks, None
+        if chunks is None:  # the re-run's graph is freed after the first backward
+            raise RuntimeError(
+                f"a second backward pass through the output of layer '{self.context.name}'; "
+                "its per-example statistics were formed by the first one.")
+        context = self.context
+        squares, contributions = call_statistics(chunks, self.axes, grads, self.names,
+                                                 context.reused())
+        for name, value in squares.items():
+            context.emit(name, value)
+        for name, values in contributions.items():
+            context.add_use(name, DenseUse(values))
+
+
+class _GenericHooks:
     """The hooks of one attached module for one forward/backward pass (see the module
-    docstring); :meth:`remove` undoes everything, also the output's gradient hook."""
+    docstring): each call of the module creates its own :class:`_GenericCall`;
+    :meth:`remove` undoes everything, also the outputs' gradient hooks."""
 
     def __init__(self, module: nn.Module, context: LayerContext) -> None:
         self.module, self.context = module, context
         self.names = sorted(context.requested)
         self.rerunning = False  # our own hooks stay out of the re-run
         self.versions: tuple | None = None
-        self.chunks: list[_Chunk] | None = None
-        self.axes: list[int] = []
+        self.calls: list[_GenericCall] = []
         self.handles: list[Removable] = []
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -273,17 +331,20 @@ class _GenericCall:
         kind = type(module).__name__
         axes = [example_axis(context.layouts, leaf, context.name, kind)
                 if isinstance(leaf, Tensor) else None for leaf in leaves]
-        self.chunks = self._rerun(leaves, spec, axes)
+        chunks = self._rerun(leaves, spec, axes)
         out_leaves, out_spec = tree_flatten(output)
-        positions = self._locate(out_leaves)
+        positions, out_axes = self._locate(out_leaves, chunks)
         signature = (module.training, str(spec), tuple(
             (tuple(leaf.shape), leaf.dtype, axis) for leaf, axis in zip(leaves, axes)
             if isinstance(leaf, Tensor)))
         try:
-            _try_backward(module, self.chunks[0], signature)
+            _try_backward(module, chunks[0], signature)
         except Exception as error:  # noqa: BLE001  (any failure of the re-run: refused)
             raise _rerun_error(context, module, error) from error
-        return self._hook_outputs(args, kwargs, out_leaves, out_spec, positions, output)
+        call = _GenericCall(context, self.names, chunks, out_axes)
+        self.calls.append(call)
+        return self._hook_outputs(call, args, kwargs, out_leaves, out_spec, positions,
+                                  output)
 
     def _rerun(self, leaves: list, spec, axes: list[int | None]) -> list[_Chunk]:
         batch = self.context.batch_size
@@ -305,58 +366,59 @@ class _GenericCall:
             self.rerunning = False
         return chunks
 
-    def _locate(self, out_leaves: list) -> list[int]:
-        """The positions (among the output's tensors) of the outputs that need a gradient,
-        setting :attr:`axes` to their examples' axes; refused where the re-run disagrees."""
+    def _locate(self, out_leaves: list, chunks: list[_Chunk]) -> tuple[list[int], list[int]]:
+        """The positions (among the output's tensors) of the outputs that need a gradient
+        and their examples' axes (the chunks keep only those outputs); refused where the
+        re-run disagrees with the module's output."""
         tensors = [leaf for leaf in out_leaves if isinstance(leaf, Tensor)]
         batch = self.context.batch_size
-        if len(tensors) != len(self.chunks[0].outputs):
+        if len(tensors) != len(chunks[0].outputs):
             raise _unlocated_error(self.context, self.module, ())
-        positions, self.axes = [], []
+        positions, axes = [], []
         for j, tensor in enumerate(tensors):
             if not tensor.requires_grad:
                 continue
-            axis = output_axis(tensor, self.chunks[0].outputs[j], 0, batch)
+            axis = output_axis(tensor, chunks[0].outputs[j], 0, batch)
             if axis is None or not all(
                     _close(as_output_slice(c.outputs[j], axis),
                            tensor.detach().narrow(axis, c.start, c.outputs[j].shape[0]))
-                    for c in self.chunks[1:]):
+                    for c in chunks[1:]):
                 raise _unlocated_error(self.context, self.module, tuple(tensor.shape))
             positions.append(j)
-            self.axes.append(axis)
-        for chunk in self.chunks:
+            axes.append(axis)
+        for chunk in chunks:
             chunk.outputs = tuple(chunk.outputs[j] for j in positions)
-        return positions
+        return positions, axes
 
-    def _hook_outputs(self, args, kwargs, out_leaves, out_spec, positions, output):
+    def _hook_outputs(self, call: _GenericCall, args, kwargs, out_leaves, out_spec,
+                      positions, output):
         """Hook the gradient of the outputs that need one; register their layouts."""
         context = self.context
         tensor_index = [i for i, leaf in enumerate(out_leaves) if isinstance(leaf, Tensor)]
         hooked = [tensor_index[j] for j in positions]
         if len(hooked) == 1:
             tensor = out_leaves[hooked[0]]
-            self.handles.append(tensor.register_hook(lambda g: self._emit([g])))
+            self.handles.append(tensor.register_hook(
+                lambda g: call.on_output_gradients([g])))
         elif hooked:
-            copies = _OutputGradients.apply(self._emit, *(out_leaves[i] for i in hooked))
+            copies = _OutputGradients.apply(call.on_output_gradients,
+                                            *(out_leaves[i] for i in hooked))
             for i, copy in zip(hooked, copies):
                 out_leaves[i] = copy
             output = tree_unflatten(out_leaves, out_spec)
-        for i, axis in zip(hooked, self.axes):
+        for i, axis in zip(hooked, call.axes):
             context.layouts.register(out_leaves[i], axis)
         context.uses.record_call(context.name, (args, kwargs), output)
         return output if len(hooked) > 1 else None
 
-    def _emit(self, grads: Sequence[Tensor | None]) -> None:
-        chunks, self.chunks = self.chunks, None
-        for name, value in sum_grad_squared(chunks, self.axes, grads, self.names).items():
-            self.context.emit(name, value)
-
     def remove(self) -> None:
-        """Remove the output's gradient hook and drop the re-run's graph."""
+        """Remove the outputs' gradient hooks and drop the re-runs' graphs."""
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        self.chunks = None
+        for call in self.calls:
+            call.chunks = None
+        self.calls.clear()
 
 
 def _versions(module: nn.Module, args: tuple, kwargs: dict) -> tuple[list[int], list[int]]:
@@ -376,6 +438,9 @@ class GenericExtension(ModuleExtension):
     alone by a ``vmap``'d re-run of its forward (see the module docstring)."""
 
     module_types = ()
+
+    #: each call hands over its contributions (:class:`~msvag_mb.extensions.reuse.DenseUse`)
+    supports_reuse = True
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         """Refuse hooks of the module's own and submodules that own parameters."""
@@ -404,6 +469,6 @@ class GenericExtension(ModuleExtension):
 
     def attach(self, module: nn.Module, context: LayerContext) -> list[Removable]:
         """Forward pre-hook and forward hook; the output's gradient hook comes later."""
-        call = _GenericCall(module, context)
-        return [module.register_forward_pre_hook(call.before, with_kwargs=True),
-                module.register_forward_hook(call.after, with_kwargs=True), call]
+        hooks = _GenericHooks(module, context)
+        return [module.register_forward_pre_hook(hooks.before, with_kwargs=True),
+                module.register_forward_hook(hooks.after, with_kwargs=True), hooks]

@@ -30,11 +30,8 @@ from .recurrent import (
     RecurrentCell,
     RecurrentExtension,
     Steps,
-    carry_back,
+    backprop_through_time,
     fast_tanh_,
-    fused_layer,
-    initial_gradient,
-    loop_threads,
     previous_hidden,
 )
 
@@ -89,31 +86,23 @@ def _gate_factors(x: Tensor, previous: Tensor, weights: LayerWeights) -> Tensor:
 
 def _backprop_through_time(factors: Tensor, grad_output: Tensor, grad_last: Tensor | None,
                            weight_hh: Tensor, steps: Steps) -> Tensor:
-    """``dL/dh0`` by the step-by-step recursion, last step first; turns the factors'
-    first four slots into the gate gradients, in place."""
-    length, batch, hidden = grad_output.shape
-    dh = initial_gradient(grad_output, grad_last)
-    with loop_threads(factors.device):
-        for t in range(length - 1, -1, -1):  # dh: gradient w.r.t. h_t, all paths
-            active = steps.active(t)
-            gates = factors[t, :active, :4]
-            gates.mul_(dh[:active].unsqueeze(1))
-            if active < batch:
-                factors[t, active:, :4].zero_()  # inactive: no contribution
-            hidden_side = gates[:, 1:].view(active, 3 * hidden)
-            dh = carry_back(dh, hidden_side, weight_hh, grad_output[t - 1] if t > 0 else None,
-                            active, direct=factors[t, :active, 4])
-    return dh
+    """``dL/dh0`` by the shared recursion (:func:`~.recurrent.backprop_through_time`);
+    turns the factors' first four slots into the gate gradients, in place."""
+    hidden = factors.shape[-1]
+
+    def step(t: int, active: int, dh: Tensor) -> tuple[Tensor, Tensor]:
+        gates = factors[t, :active, :4]
+        gates.mul_(dh.unsqueeze(1))
+        return gates[:, 1:].view(active, 3 * hidden), factors[t, :active, 4]  # d gh, z
+
+    return backprop_through_time(step, factors[:, :, :4], grad_output, grad_last,
+                                 weight_hh, steps)
 
 
 class GRUCell(RecurrentCell):
     """The GRU cell."""
 
-    def run(self, x: Tensor, steps: Steps, weights: list[LayerWeights],
-            state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """torch's fused one-layer GRU kernel (all directions)."""
-        output, h_last = fused_layer(torch.gru, x, steps, state[0], weights)
-        return output, (h_last,)
+    kernel = staticmethod(torch.gru)
 
     def backward(self, x: Tensor, output: Tensor, weights: LayerWeights,
                  state: tuple[Tensor, ...], grad_output: Tensor,
@@ -134,7 +123,4 @@ class GRUExtension(RecurrentExtension):
     """``nn.GRU``: every configuration."""
 
     module_types = (nn.GRU,)
-
-    def cell_for(self, module: nn.Module) -> RecurrentCell:
-        """The GRU cell."""
-        return GRUCell()
+    cell_type = GRUCell

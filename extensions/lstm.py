@@ -32,12 +32,9 @@ from .recurrent import (
     RecurrentCell,
     RecurrentExtension,
     Steps,
-    carry_back,
+    backprop_through_time,
     fast_tanh_,
-    fused_layer,
     gate_buffer,
-    initial_gradient,
-    loop_threads,
     previous_hidden,
 )
 
@@ -95,9 +92,12 @@ def _gate_factors(x: Tensor, previous: Tensor, weights: LayerWeights, c0: Tensor
     forget = factors[:, :, 5].copy_(f)
     input_times_g = torch.mul(i, g, out=factors[:, :, 4])
     all_cells = _cell_states(input_times_g, forget, c0, steps)
-    # sigma'(a) = sigma (1 - sigma) for i, f, o
-    torch.addcmul(i, input_times_g, g, value=-1, out=slot[2])  # i (1 - g^2)
-    torch.addcmul(input_times_g, i, input_times_g, value=-1, out=slot[0])  # g sigma'(a_i)
+    # sigma'(a) = sigma (1 - sigma) for i, f, o. g sigma'(a_i) is rounded as g (i - i^2),
+    # the order that made the committed P4 records (not i g - i (i g)); it and i (1 - g^2)
+    # each overwrite an input of the other, so the latter waits in slot 4 (free until m_t)
+    torch.addcmul(i, input_times_g, g, value=-1, out=factors[:, :, 4])  # i (1 - g^2)
+    torch.addcmul(i, i, i, value=-1, out=slot[0]).mul_(g)  # g sigma'(a_i)
+    slot[2].copy_(factors[:, :, 4])
     torch.addcmul(f, f, f, value=-1, out=slot[1]).mul_(all_cells[:-1])  # c_{t-1} sigma'(a_f)
     tanh_cells = fast_tanh_(all_cells[1:])
     projected = weights.weight_hr is not None
@@ -107,51 +107,39 @@ def _gate_factors(x: Tensor, previous: Tensor, weights: LayerWeights, c0: Tensor
     return factors, (hidden_cells if projected else None)
 
 
-def _backprop_through_time(factors: Tensor, grad_output: Tensor,
-                           grad_final: tuple[Tensor | None, ...], weights: LayerWeights,
-                           steps: Steps) -> tuple[Tensor | None, Tensor, Tensor]:
-    """``(dL/dh_t (T, B, P) for a projection or None, dL/dh0, dL/dc0)`` by the step-by-step
-    recursion, last step first; turns the factors' first four slots into ``da``, in place."""
-    length, batch, _ = grad_output.shape
-    hidden = factors.shape[-1]
-    projection = weights.weight_hr
-    grad_h_last, grad_c_last = grad_final
-    dh = initial_gradient(grad_output, grad_h_last)
-    dc_next = grad_c_last if grad_c_last is not None else \
-        grad_output.new_zeros(batch, hidden)
-    dh_steps = None if projection is None else \
-        gate_buffer(steps, length, batch, projection.shape[0], like=factors)
-    with loop_threads(factors.device):
-        for t in range(length - 1, -1, -1):  # dh: gradient w.r.t. h_t, all paths
-            active = steps.active(t)
-            step = factors[t, :active]
-            dm = dh[:active]
-            if projection is not None:
-                dh_steps[t, :active] = dm
-                dm = torch.mm(dm, projection)
-            dc = torch.addcmul(dc_next[:active], dm, step[:, 4])
-            step[:, :3].mul_(dc.unsqueeze(1))
-            step[:, 3].mul_(dm)
-            if active < batch:
-                factors[t, active:, :4].zero_()  # inactive: no contribution
-            dc = dc.mul_(step[:, 5])
-            dc_next = dc if active == batch else torch.cat([dc, dc_next[active:]])
-            # dh_{t-1} = (output gradient at t-1) + da_t W_hh in one kernel
-            dh = carry_back(dh, step[:, :4].view(active, 4 * hidden), weights.weight_hh,
-                            grad_output[t - 1] if t > 0 else None, active)
-    return dh_steps, dh, dc_next
+class _StepBackward:
+    """The LSTM's step of the shared recursion (:func:`~.recurrent.backprop_through_time`):
+    carries ``dc = dL/dc_t`` from step to step and, with a projection, records ``dL/dh_t``
+    (``dh_steps``) for ``W_hr``; turns the factors' first four slots into ``da``."""
+
+    def __init__(self, factors: Tensor, grad_c_last: Tensor | None, steps: Steps,
+                 projection: Tensor | None) -> None:
+        length, batch, _, hidden = factors.shape
+        self.factors, self.projection, self.batch = factors, projection, batch
+        self.dc_next = grad_c_last if grad_c_last is not None else \
+            factors.new_zeros(batch, hidden)
+        self.dh_steps = None if projection is None else \
+            gate_buffer(steps, length, batch, projection.shape[0], like=factors)
+
+    def __call__(self, t: int, active: int, dm: Tensor) -> tuple[Tensor, None]:
+        """``da_t`` of the active rows as ``(active, 4 H)``, from ``dh_t`` of them."""
+        step = self.factors[t, :active]
+        if self.projection is not None:
+            self.dh_steps[t, :active] = dm
+            dm = torch.mm(dm, self.projection)
+        dc = torch.addcmul(self.dc_next[:active], dm, step[:, 4])
+        step[:, :3].mul_(dc.unsqueeze(1))
+        step[:, 3].mul_(dm)
+        dc = dc.mul_(step[:, 5])
+        self.dc_next = dc if active == self.batch else torch.cat([dc, self.dc_next[active:]])
+        return step[:, :4].view(active, 4 * step.shape[-1]), None
 
 
 class LSTMCell(RecurrentCell):
     """The LSTM cell (with or without a projection ``W_hr``)."""
 
     state_size = 2
-
-    def run(self, x: Tensor, steps: Steps, weights: list[LayerWeights],
-            state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """torch's fused one-layer LSTM kernel (all directions)."""
-        output, h_last, c_last = fused_layer(torch.lstm, x, steps, list(state), weights)
-        return output, (h_last, c_last)
+    kernel = staticmethod(torch.lstm)
 
     def backward(self, x: Tensor, output: Tensor, weights: LayerWeights,
                  state: tuple[Tensor, ...], grad_output: Tensor,
@@ -160,12 +148,14 @@ class LSTMCell(RecurrentCell):
         h0, c0 = state
         previous = previous_hidden(h0, output)
         factors, hidden_cells = _gate_factors(x, previous, weights, c0, steps)
-        dh_steps, dh0, dc0 = _backprop_through_time(factors, grad_output, grad_final,
-                                                    weights, steps)
+        grad_h_last, grad_c_last = grad_final
+        step = _StepBackward(factors, grad_c_last, steps, weights.weight_hr)
+        dh0 = backprop_through_time(step, factors[:, :, :4], grad_output, grad_h_last,
+                                    weights.weight_hh, steps)
         length, batch, _, hidden = factors.shape
         d_pre = factors[:, :, :4].view(length, batch, 4 * hidden)  # da
-        projection = None if dh_steps is None else (dh_steps, hidden_cells)
-        return CellGradients(d_pre, None, x, previous, (dh0, dc0), projection)
+        projection = None if step.dh_steps is None else (step.dh_steps, hidden_cells)
+        return CellGradients(d_pre, None, x, previous, (dh0, step.dc_next), projection)
 
 
 @register_extension
@@ -173,7 +163,4 @@ class LSTMExtension(RecurrentExtension):
     """``nn.LSTM``: every configuration (``proj_size`` too)."""
 
     module_types = (nn.LSTM,)
-
-    def cell_for(self, module: nn.Module) -> RecurrentCell:
-        """The LSTM cell."""
-        return LSTMCell()
+    cell_type = LSTMCell

@@ -19,10 +19,19 @@ weights. Its forward is torch's fused one-layer kernel, which saves only the lay
 and output; its backward (each cell type's module: ``lstm``, ``gru``, ``rnn``) recomputes
 the gates of all steps from the saved outputs with one matmul per side, as cuDNN does,
 into one buffer that becomes the chain rule's factors in place, and backpropagates
-through time by hand, one direction after the other; the contractions above are then
-formed for all steps at once by ``bmm`` over cache-sized chunks of examples
-(:func:`sequence_weight_statistics`), squared for the statistics and summed for the
-weight gradients.
+through time by hand, one direction after the other (the step loop every cell shares:
+:func:`backprop_through_time`); the contractions above are then formed for all steps at
+once by ``bmm`` over cache-sized chunks of examples (:func:`sequence_weight_statistics`),
+squared for the statistics and summed for the weight gradients.
+
+A parameter used several times in one forward pass (the module called on two inputs, an
+encoder run again from its own final state, a weight tied to another layer's or also
+used outside the layer) needs ``sum_n (sum_u c_nu)**2`` over its uses ``u``: its call
+hands over the factors of the contraction instead, ``ProductUse(L = gate gradients
+(B, T, rows), R = inputs or h_{t-1} (B, T, cols))`` for a weight and the time-summed gate
+gradients for a bias (:class:`LayerStatistics`, :mod:`~msvag_mb.extensions.reuse`), with
+the rows in the examples' order (a PackedSequence's sorting undone); parameters used once
+keep the squared path above.
 
 Examples are the sequences along the batch axis (dim 0 with ``batch_first=True``, else
 dim 1); row n of the initial state belongs to example n. The reverse direction of a
@@ -34,7 +43,8 @@ state unchanged (:class:`Steps`); the statistics do not depend on the order of t
 examples. Inter-layer dropout in train mode is drawn here
 (:func:`inter_layer_dropout`), so the statistics are exact for the gradient of the forward
 that ran. Refused while running: unbatched input, a batch of other than ``B`` sequences,
-an input whose traced layout contradicts ``batch_first`` (or the packing's).
+an input whose traced layout contradicts ``batch_first`` (or the packing's); refused
+before: one trainable Parameter under two names of one module.
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ from .core import (
     at_most_threads,
     chunk_size,
 )
+from .reuse import DenseUse, ProductUse
 
 #: per-example matrices of this many elements per chunk (4 MB in float32): half the
 #: layers' common :data:`~msvag_mb.extensions.core.CACHE_BUDGET_ELEMENTS`, measured faster
@@ -106,12 +117,16 @@ def all_parameter_names(module: nn.RNNBase) -> frozenset[str]:
 class Steps:
     """The time steps of one call: all ``B`` sequences active at every step (padded input),
     or, for a PackedSequence (sorted by decreasing length), the first ``batch_sizes[t]``
-    at step t. Converts between padded ``(T, B, F)`` tensors and packed data."""
+    at step t. Converts between padded ``(T, B, F)`` tensors and packed data.
+    ``example_rows[n]``: the row that holds example n (``None``: row n; a PackedSequence's
+    ``unsorted_indices``)."""
 
     def __init__(self, length: int, batch: int, batch_sizes: Tensor | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None,
+                 example_rows: Tensor | None = None) -> None:
         self.length, self.batch = length, batch
         self.batch_sizes = batch_sizes
+        self.example_rows = example_rows
         self.sizes = None if batch_sizes is None else batch_sizes.tolist()
         if batch_sizes is not None:
             active = torch.arange(batch) < batch_sizes.unsqueeze(1)  # (T, B)
@@ -140,6 +155,11 @@ class Steps:
         return padded.index_copy(0, self._packed_index, data).view(
             self.length, self.batch, -1)
 
+    def in_example_order(self, rows: Tensor) -> Tensor:
+        """``rows`` ``(B, ...)``, one per sequence in this call's order, reordered so that
+        row n is example n's."""
+        return rows if self.example_rows is None else rows.index_select(0, self.example_rows)
+
     def reverse(self, padded: Tensor) -> Tensor:
         """Each sequence of ``(T, B, F)`` reversed in time within its own length."""
         if not self.packed:
@@ -164,17 +184,29 @@ class CellGradients(NamedTuple):
 
 
 class RecurrentCell(ABC):
-    """One cell type's equations: the fused forward and the hand-written backward."""
+    """One cell type's equations: the fused forward (torch's own kernel) and the
+    hand-written backward."""
 
     #: the state tensors a layer carries: 1 (h), or 2 (h, c)
     state_size: ClassVar[int] = 1
 
-    @abstractmethod
+    #: torch's fused one-layer kernel (``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``)
+    kernel: Callable
+
+    @classmethod
+    def for_module(cls, module: nn.RNNBase) -> "RecurrentCell":
+        """The cell of ``module`` (default: the cell has no options)."""
+        return cls()
+
     def run(self, x: Tensor, steps: Steps, weights: Sequence[LayerWeights],
             state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         """``(output (T, B, D H_out), final state)`` of one layer with the ``D =
         len(weights)`` directions' weights for input ``x (T, B, in)`` and the initial
-        ``state``, each ``(D, B, .)``; padded output is zero where inactive."""
+        ``state``, each ``(D, B, .)``, by :attr:`kernel`; padded output is zero where
+        inactive."""
+        hx = list(state) if self.state_size > 1 else state[0]
+        output, *final = fused_layer(self.kernel, x, steps, hx, weights)
+        return output, tuple(final)
 
     @abstractmethod
     def backward(self, x: Tensor, output: Tensor, weights: LayerWeights,
@@ -201,17 +233,14 @@ def fused_layer(kernel: Callable, x: Tensor, steps: Steps, hx,
     return (steps.unpack(data), *states)
 
 
-#: emit(statistics of one layer and direction as LayerWeights), or None: none wanted
-LayerEmitter = Callable[[LayerWeights], None]
-
-
 class LayerCall(NamedTuple):
     """The non-tensor arguments of :class:`RecurrentLayerFunction`: the cell, the steps,
-    and one emitter per direction (``len(emitters)`` is the number of directions)."""
+    and where each direction's statistics go (``len(statistics)`` is the number of
+    directions)."""
 
     cell: RecurrentCell
     steps: Steps
-    emitters: tuple[LayerEmitter | None, ...]
+    statistics: tuple[LayerStatistics | None, ...]
 
 
 class RecurrentLayerFunction(torch.autograd.Function):
@@ -227,7 +256,7 @@ class RecurrentLayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: LayerCall, x: Tensor, *tensors: Tensor | None):
         """Run the fused kernel; save its inputs and output for the backward."""
-        directions = len(call.emitters)
+        directions = len(call.statistics)
         weights = [LayerWeights(*tensors[5 * d:5 * d + 5]) for d in range(directions)]
         state = tuple(tensors[5 * directions:])
         output, final = call.cell.run(x, call.steps, weights, state)
@@ -241,7 +270,7 @@ class RecurrentLayerFunction(torch.autograd.Function):
         statistics; return the gradients."""
         x, output, *tensors = ctx.saved_tensors
         call, needs = ctx.call, ctx.needs_input_grad
-        directions = len(call.emitters)
+        directions = len(call.statistics)
         if grad_output is None:
             grad_output = torch.zeros_like(output)
         grad_x, parameter_grads, state_grads = None, [None] * directions, [None] * directions
@@ -272,7 +301,7 @@ def direction_backward(call: LayerCall, direction: int, x: Tensor, output: Tenso
     Each tensor is dropped as soon as nothing further needs it (the reversed copies after
     the recursion, the cell's inputs before ``dL/dx``): this keeps the peak memory of the
     backward pass low."""
-    steps, directions, shape = call.steps, len(call.emitters), x.shape
+    steps, directions, shape = call.steps, len(call.statistics), x.shape
     width = output.shape[-1] // directions
     columns = slice(direction * width, (direction + 1) * width)
     output, grad_output = output[..., columns], grad_output[..., columns]
@@ -281,7 +310,8 @@ def direction_backward(call: LayerCall, direction: int, x: Tensor, output: Tenso
     grads = call.cell.backward(x, output, weights, state, grad_output, grad_final, steps)
     del x, output, grad_output
     # the statistics first: their chunk buffer is freed before grad_x is allocated
-    parameter_grads = parameter_gradients(grads, weights, needs, call.emitters[direction])
+    parameter_grads = parameter_gradients(grads, weights, needs, call.statistics[direction],
+                                          steps)
     gates, roll, initial = grads.gates, grads.input_roll, grads.initial_state
     del grads
     grad_x = None
@@ -323,56 +353,127 @@ def sequence_weight_statistics(grad_pre: Tensor, inputs: Tensor, with_statistics
     return grad, sum_sq
 
 
-def bias_statistics(grad_pre: Tensor, with_statistics: bool) -> tuple[Tensor, Tensor | None]:
-    """``(sum_n g_n, sum_n g_n**2)`` with ``g_n = sum_t grad_pre[t, n]``."""
+# -- where the statistics go ------------------------------------------------------------
+#: what a direction's backward forms for a requested parameter: ``sum_n c_n**2`` (used
+#: once: emitted), or the per-example contributions ``c_n`` (used several times: handed
+#: over to be added up before squaring, :mod:`~msvag_mb.extensions.reuse`)
+SQUARED, PER_EXAMPLE = "squared", "per-example"
+
+
+class LayerStatistics:
+    """Where one layer and direction's statistics go, under the module's parameter names
+    ``names``: ``sum_n c_n**2`` is emitted for a parameter used once; for one used several
+    times (:meth:`LayerContext.reused`: known once the forward pass has been checked, so
+    asked in the backward pass) its per-example contributions are handed over
+    (:meth:`LayerContext.add_use`)."""
+
+    def __init__(self, context: LayerContext, names: LayerWeights) -> None:
+        self.context, self.names = context, names
+
+    def forms(self) -> LayerWeights:
+        """:data:`SQUARED`, :data:`PER_EXAMPLE`, or ``None`` (not requested), per parameter."""
+        requested, reused = self.context.requested, self.context.reused()
+        return LayerWeights(*(None if name not in requested else
+                              PER_EXAMPLE if name in reused else SQUARED
+                              for name in self.names))
+
+    def report(self, forms: LayerWeights, statistics: dict[str, object]) -> None:
+        """Emit or hand over each parameter's statistic (keyed by :class:`LayerWeights`
+        field), as its form says."""
+        for field, value in statistics.items():
+            name, form = getattr(self.names, field), getattr(forms, field)
+            if form is SQUARED:
+                self.context.emit(name, value)
+            elif form is PER_EXAMPLE:
+                self.context.add_use(name, value)
+
+
+def layer_statistics(context: LayerContext, names: LayerWeights) -> LayerStatistics | None:
+    """One layer and direction's :class:`LayerStatistics` (``None``: none requested)."""
+    return LayerStatistics(context, names) if context.requested & set(names.flat()) else None
+
+
+def weight_terms(grad_pre: Tensor, inputs: Tensor, form: str | None,
+                 steps: Steps) -> tuple[Tensor, object]:
+    """``(gradient, statistic)`` of a weight whose example-n contribution is ``G_n^T X_n``
+    (``grad_pre`` ``(T, B, out)``, ``inputs`` ``(T, B, in)``): ``sum_n c_n**2``
+    (:data:`SQUARED`), the factors as a :class:`~.reuse.ProductUse` (:data:`PER_EXAMPLE`;
+    in the examples' order, to be added to the other uses' row by row), or ``None``."""
+    if form is PER_EXAMPLE:
+        grad, _ = sequence_weight_statistics(grad_pre, inputs, False)
+        return grad, ProductUse(steps.in_example_order(grad_pre.transpose(0, 1)),
+                                steps.in_example_order(inputs.transpose(0, 1)))
+    return sequence_weight_statistics(grad_pre, inputs, form is SQUARED)
+
+
+def bias_terms(grad_pre: Tensor, form: str | None, steps: Steps) -> tuple[Tensor, object]:
+    """``(gradient, statistic)`` of a bias with ``g_n = sum_t grad_pre[t, n]``:
+    ``sum_n g_n**2`` (:data:`SQUARED`), the ``g_n`` as a :class:`~.reuse.DenseUse`
+    (:data:`PER_EXAMPLE`, in the examples' order), or ``None``."""
     per_example = grad_pre.sum(0)
     grad = per_example.sum(0)
-    return grad, (per_example.square_().sum(0) if with_statistics else None)
+    if form is PER_EXAMPLE:
+        return grad, DenseUse(steps.in_example_order(per_example))
+    return grad, (per_example.square_().sum(0) if form is SQUARED else None)
+
+
+def _input_side(grads: CellGradients, form: str | None) -> Tensor:
+    """The input side's gate gradients, in the weights' row order for per-example
+    contributions (held rolled where :attr:`CellGradients.input_roll` says so)."""
+    if form is PER_EXAMPLE and grads.input_roll:
+        return grads.gates.roll(-grads.input_roll, -1)
+    return grads.gates
+
+
+def _weight_results(grads: CellGradients, need: LayerWeights, forms: LayerWeights,
+                    steps: Steps) -> dict[str, tuple[Tensor, object]]:
+    """``{field: (gradient, statistic)}`` of the needed weights: ``W_ih`` from the input
+    side's gate gradients and ``x_t``, ``W_hh`` from the hidden side's and ``h_{t-1}``,
+    ``W_hr`` from ``dL/dh_t`` and ``m_t``."""
+    hidden_gates = grads.gates if grads.hidden_gates is None else grads.hidden_gates
+    factors = {"weight_ih": (_input_side(grads, forms.weight_ih), grads.inputs),
+               "weight_hh": (hidden_gates, grads.previous_hidden),
+               "weight_hr": grads.projection}  # None without a projection (not needed)
+    return {name: weight_terms(*factors[name], getattr(forms, name), steps)
+            for name in factors if getattr(need, name)}
+
+
+def _bias_results(grads: CellGradients, need: LayerWeights, forms: LayerWeights,
+                  steps: Steps) -> dict[str, tuple[Tensor, object]]:
+    """``{field: (gradient, statistic)}`` of the needed biases."""
+    results = {}
+    if need.bias_ih:
+        side = _input_side(grads, forms.bias_ih)
+        results["bias_ih"] = bias_terms(side, forms.bias_ih, steps)
+    if need.bias_hh:
+        if grads.hidden_gates is not None:
+            results["bias_hh"] = bias_terms(grads.hidden_gates, forms.bias_hh, steps)
+        elif need.bias_ih and forms.bias_hh is forms.bias_ih:
+            # equal values, own tensors: p.grad is modified in place (clipping, unscaling)
+            results["bias_hh"] = tuple(v.clone() if isinstance(v, Tensor) else v
+                                       for v in results["bias_ih"])
+        else:
+            results["bias_hh"] = bias_terms(grads.gates, forms.bias_hh, steps)
+    return results
 
 
 def parameter_gradients(grads: CellGradients, weights: LayerWeights, needs: Sequence[bool],
-                        emit: LayerEmitter | None) -> LayerWeights:
-    """The parameters' gradients (``None`` where not needed); emits their statistics."""
+                        statistics: LayerStatistics | None, steps: Steps) -> LayerWeights:
+    """The parameters' gradients (``None`` where not needed); reports their statistics."""
     need = LayerWeights(*(n and w is not None for n, w in zip(needs, weights)))
-    stats = emit is not None
-    grad, square = dict.fromkeys(LayerWeights._fields), dict.fromkeys(LayerWeights._fields)
-    hidden_gates = grads.gates if grads.hidden_gates is None else grads.hidden_gates
-    sides = (("weight_ih", grads.gates, grads.inputs),
-             ("weight_hh", hidden_gates, grads.previous_hidden))
-    for name, grad_pre, inputs in sides:
-        if getattr(need, name):
-            grad[name], square[name] = sequence_weight_statistics(grad_pre, inputs, stats)
-    if need.bias_ih or need.bias_hh:
-        grad["bias_ih"], square["bias_ih"] = bias_statistics(grads.gates, stats)
-        if grads.hidden_gates is not None:
-            grad["bias_hh"], square["bias_hh"] = bias_statistics(grads.hidden_gates, stats)
-        else:  # equal values, own tensors: p.grad is modified in place (clipping, unscaling)
-            grad["bias_hh"], square["bias_hh"] = (
-                None if v is None else v.clone() for v in (grad["bias_ih"], square["bias_ih"]))
-    if need.weight_hr:
-        grad["weight_hr"], square["weight_hr"] = sequence_weight_statistics(
-            *grads.projection, stats)
-    if grads.input_roll:  # back to the weights' row order
-        for results in (grad, square):
-            for name in ("weight_ih", "bias_ih"):
-                if results[name] is not None:
-                    results[name] = results[name].roll(-grads.input_roll, 0)
-    if emit is not None:
-        emit(LayerWeights(**{k: v if getattr(need, k) else None for k, v in square.items()}))
-    return LayerWeights(**{k: v if getattr(need, k) else None for k, v in grad.items()})
-
-
-def layer_emitter(context: LayerContext, names: LayerWeights) -> LayerEmitter | None:
-    """Reports one layer and direction's statistics under the requested names."""
-    if not context.requested & set(names.flat()):
-        return None
-
-    def emit(statistics: LayerWeights) -> None:
-        for name, value in zip(names, statistics):
-            if name in context.requested and value is not None:
-                context.emit(name, value)
-
-    return emit
+    forms = statistics.forms() if statistics is not None else LayerWeights(*(None,) * 5)
+    forms = LayerWeights(*(form if n else None for form, n in zip(forms, need)))
+    results = {**_weight_results(grads, need, forms, steps),
+               **_bias_results(grads, need, forms, steps)}
+    if grads.input_roll:  # back to the weights' row order (per-example ones are already)
+        for name in ("weight_ih", "bias_ih"):
+            if name in results and getattr(forms, name) is not PER_EXAMPLE:
+                results[name] = tuple(None if v is None else v.roll(-grads.input_roll, 0)
+                                      for v in results[name])
+    if statistics is not None:
+        statistics.report(forms, {name: value for name, (_, value) in results.items()})
+    return LayerWeights(**{name: results[name][0] if name in results else None
+                           for name in LayerWeights._fields})
 
 
 # -- shared pieces of the cells' backward ------------------------------------------------
@@ -412,6 +513,30 @@ def initial_gradient(grad_output: Tensor, grad_last: Tensor | None) -> Tensor:
     return grad_output[-1] if grad_last is None else grad_output[-1] + grad_last
 
 
+#: ``step(t, active, dh)`` of a cell's backward, with ``dh = dL/dh_t`` of the ``active``
+#: rows: turns the cell's factors at step t into its gate gradients in place and returns
+#: ``(their hidden side (active, G H), the direct path's factor of dh_{t-1} or None)``
+StepBackward = Callable[[int, int, Tensor], tuple[Tensor, Tensor | None]]
+
+
+def backprop_through_time(step: StepBackward, gates: Tensor, grad_output: Tensor,
+                          grad_last: Tensor | None, weight_hh: Tensor, steps: Steps) -> Tensor:
+    """``dL/dh0`` by the recursion all cells share, last step first: at step t the cell's
+    ``step`` makes the gate gradients, which ``gates`` ``(T, B, ...)`` holds (zeroed in
+    the inactive rows: no contribution), then ``dh_{t-1}`` follows by :func:`carry_back`."""
+    length, batch = grad_output.shape[:2]
+    dh = initial_gradient(grad_output, grad_last)
+    with loop_threads(grad_output.device):
+        for t in range(length - 1, -1, -1):  # dh: gradient w.r.t. h_t, all paths
+            active = steps.active(t)
+            hidden_side, direct = step(t, active, dh[:active])
+            if active < batch:
+                gates[t, active:].zero_()
+            dh = carry_back(dh, hidden_side, weight_hh,
+                            grad_output[t - 1] if t > 0 else None, active, direct)
+    return dh
+
+
 def gate_buffer(steps: Steps, *shape: int, like: Tensor) -> Tensor:
     """A buffer for per-step gate gradients: zeros where rows are inactive (packed)."""
     make = torch.zeros if steps.packed else torch.empty
@@ -439,7 +564,8 @@ def sequence_input(module: nn.RNNBase, context: LayerContext, kind: str,
     packing's) and there are ``B`` of them."""
     if isinstance(input, PackedSequence):
         batch_sizes = input.batch_sizes
-        steps = Steps(len(batch_sizes), int(batch_sizes[0]), batch_sizes, input.data.device)
+        steps = Steps(len(batch_sizes), int(batch_sizes[0]), batch_sizes, input.data.device,
+                      input.unsorted_indices)
         _check_packed_layout(context, kind, input.data)
         result = SequenceInput(steps.unpack(input.data), steps, input)
     elif not isinstance(input, Tensor) or input.dim() != 3:
@@ -517,7 +643,8 @@ def run_layers(module: nn.RNNBase, context: LayerContext, cell: RecurrentCell,
         names = [layer_parameter_names(module, layer, d) for d in range(directions)]
         weights = [None if n is None else getattr(module, n) for each in names for n in each]
         state = [s[layer * directions:(layer + 1) * directions] for s in states]
-        call = LayerCall(cell, sequence.steps, tuple(layer_emitter(context, n) for n in names))
+        call = LayerCall(cell, sequence.steps,
+                         tuple(layer_statistics(context, n) for n in names))
         x, *final = RecurrentLayerFunction.apply(call, x, *weights, *state)
         for collected, tensor in zip(finals, final):
             collected.append(tensor)
@@ -582,12 +709,35 @@ class _RestoreForward:
 
 class RecurrentExtension(ModuleExtension):
     """A recurrent module type: any num_layers, batch_first, bias, bidirectional,
-    inter-layer dropout, initial state, padded or packed input; subclasses name the module
-    types and the cell (:meth:`cell_for`)."""
+    inter-layer dropout, initial state, padded or packed input, a module called several
+    times or with parameters tied to other layers; subclasses name the module types and
+    the cell (:attr:`cell_type`)."""
 
-    @abstractmethod
+    #: the cell equations of the handled module types
+    cell_type: ClassVar[type[RecurrentCell]]
+
+    #: parameters used several times get per-example contributions (:class:`LayerStatistics`)
+    supports_reuse = True
+
     def cell_for(self, module: nn.Module) -> RecurrentCell:
-        """The cell equations of ``module``."""
+        """The cell equations of ``module`` (:meth:`RecurrentCell.for_module`)."""
+        return self.cell_type.for_module(module)
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        """Refuses one trainable ``Parameter`` under two of the module's names
+        (``weight_hh_l1 = weight_hh_l0``): its uses are counted per call of the module,
+        which would miss one per name."""
+        holders: dict[int, str] = {}
+        for name in sorted(self.parameter_names(module)):
+            param = getattr(module, name)
+            if not param.requires_grad:
+                continue
+            first = holders.setdefault(id(param), name)
+            if first != name:
+                return (f"holds one Parameter as both '{first}' and '{name}', which engine "
+                        "'extensions' cannot add up; give each its own Parameter, or use "
+                        "engine='ghost_batch'.")
+        return None
 
     def parameter_names(self, module: nn.Module) -> frozenset[str]:
         """``weight_ih_l<k>``, ``weight_hh_l<k>``, ``bias_ih_l<k>``, ``bias_hh_l<k>`` (and

@@ -19,7 +19,11 @@ examples, and :class:`Accumulator` forms, chunk by chunk of examples,
 * :class:`IndexUse`: an embedding lookup, ``c_n[v] = sum_{t: i_nt = v} G_nt`` (a Linear use
   with a one-hot input, scattered instead of materialised);
 * :class:`DenseUse`: contributions already formed, ``(B, *p.shape)`` (bare parameters
-  broadcast into per-example tensors).
+  broadcast into per-example tensors);
+* :class:`RowBlocksUse`: one call that uses disjoint row blocks of the parameter through
+  separate maps (the packed in-projection of ``nn.MultiheadAttention`` on distinct query,
+  key and value): ``c_n`` is the blocks' contributions at their row offsets, zero in the
+  rows no block of the call reached.
 
 Chunks hold :data:`~msvag_mb.extensions.core.CACHE_BUDGET_ELEMENTS` per-example elements,
 so memory beyond the saved tensors stays bounded (a dense use holds its ``B`` copies).
@@ -91,6 +95,36 @@ class DenseUse:
     def sum_grad_squared(self) -> Tensor:
         """``sum_n c_n**2`` of this use alone."""
         return self.values.square().sum(0)
+
+
+class RowBlocksUse:
+    """One call's use of a parameter of ``shape`` in disjoint row blocks: ``c_n[o:o+r] =
+    c_nb`` for the block ``b`` placed at row offset ``o`` (``r`` its rows), zero elsewhere.
+
+    The call counts as one use of the parameter, handed over once its blocks' gradients
+    are in; a block whose gradient never came (its rows did not reach the loss) is left
+    out and contributes nothing, exactly as autograd gives it.
+    """
+
+    def __init__(self, shape: torch.Size) -> None:
+        self.shape = tuple(shape)
+        self.blocks: dict[int, PerExampleUse] = {}
+
+    def place(self, offset: int, use: PerExampleUse) -> None:
+        """The use of the block starting at row ``offset``."""
+        if offset in self.blocks:
+            raise RuntimeError(f"two uses for the row block at offset {offset}")
+        self.blocks[offset] = use
+
+    def per_example(self, start: int, stop: int) -> Tensor:
+        """``(stop - start, *shape)``: each block's contributions in its rows."""
+        count, result = stop - start, None
+        for offset, use in sorted(self.blocks.items()):
+            values = use.per_example(start, stop).reshape(count, -1, *self.shape[1:])
+            if result is None:
+                result = values.new_zeros(count, *self.shape)
+            result[:, offset:offset + values.shape[1]] = values
+        return result
 
 
 class Accumulator:

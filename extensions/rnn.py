@@ -21,10 +21,7 @@ from .recurrent import (
     RecurrentCell,
     RecurrentExtension,
     Steps,
-    carry_back,
-    fused_layer,
-    initial_gradient,
-    loop_threads,
+    backprop_through_time,
     previous_hidden,
 )
 
@@ -49,28 +46,23 @@ class RNNCell(RecurrentCell):
     def __init__(self, nonlinearity: str) -> None:
         self.kernel, self.slope = NONLINEARITIES[nonlinearity]
 
-    def run(self, x: Tensor, steps: Steps, weights: list[LayerWeights],
-            state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """torch's fused one-layer kernel (all directions)."""
-        output, h_last = fused_layer(self.kernel, x, steps, state[0], weights)
-        return output, (h_last,)
+    @classmethod
+    def for_module(cls, module: nn.RNNBase) -> "RNNCell":
+        """The cell of the module's nonlinearity."""
+        return cls(module.nonlinearity)
 
     def backward(self, x: Tensor, output: Tensor, weights: LayerWeights,
                  state: tuple[Tensor, ...], grad_output: Tensor,
                  grad_final: tuple[Tensor | None, ...], steps: Steps) -> CellGradients:
         """Backpropagate through time (module docstring)."""
-        length, batch, _ = output.shape
         d_pre = self.slope(output)  # (T, B, H): phi', then da in place
-        dh = initial_gradient(grad_output, grad_final[0])
-        with loop_threads(output.device):
-            for t in range(length - 1, -1, -1):  # dh: gradient w.r.t. h_t, all paths
-                active = steps.active(t)
-                step = d_pre[t, :active].mul_(dh[:active])
-                if active < batch:
-                    d_pre[t, active:].zero_()  # inactive: no contribution
-                dh = carry_back(dh, step, weights.weight_hh,
-                                grad_output[t - 1] if t > 0 else None, active)
-        return CellGradients(d_pre, None, x, previous_hidden(state[0], output), (dh,))
+
+        def step(t: int, active: int, dh: Tensor) -> tuple[Tensor, None]:
+            return d_pre[t, :active].mul_(dh), None
+
+        dh0 = backprop_through_time(step, d_pre, grad_output, grad_final[0],
+                                    weights.weight_hh, steps)
+        return CellGradients(d_pre, None, x, previous_hidden(state[0], output), (dh0,))
 
 
 @register_extension
@@ -78,14 +70,12 @@ class RNNExtension(RecurrentExtension):
     """``nn.RNN``: every configuration, tanh or relu."""
 
     module_types = (nn.RNN,)
+    cell_type = RNNCell
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
-        """``None`` for the nonlinearities torch has (``tanh``, ``relu``)."""
+        """``None`` for the nonlinearities torch has (``tanh``, ``relu``), and what every
+        recurrent module is refused for."""
         if module.nonlinearity not in NONLINEARITIES:
             return (f"has nonlinearity={module.nonlinearity!r}, which this extension does "
                     "not know; use 'tanh' or 'relu', or engine='ghost_batch'.")
-        return None
-
-    def cell_for(self, module: nn.Module) -> RecurrentCell:
-        """The Elman cell of the module's nonlinearity."""
-        return RNNCell(module.nonlinearity)
+        return super().unsupported_reason(module)

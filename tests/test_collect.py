@@ -490,50 +490,6 @@ def test_ddp_on_one_process_as_backward(tmp_path):
 
 
 # -- exact or refused, on every configuration of tests/test_exact_or_refused.py ------------
-def run_case_in_collect(case, engine: str) -> str:
-    """``"exact"`` or ``"refused"`` (before any backward, everything left as before) for
-    one configuration, with the forward and the loss run by the test inside collect."""
-    from test_exact_or_refused import B, _assert_unchanged, _snapshot, brute_force
-
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(1)
-    model = case.build().double()
-    inputs = tuple(v.double() if v.is_floating_point() else v for v in case.inputs(generator))
-    targets = case.targets(generator)
-    targets = targets.double() if targets.is_floating_point() else targets
-    try:
-        expected = brute_force(case, model, inputs, targets)
-    except (RuntimeError, ValueError):
-        expected = None  # no per-example gradients exist (e.g. BatchNorm in train mode)
-    before = _snapshot(model)
-    reached = []
-    handles = [p.register_hook(lambda g, reached=reached: reached.append(1))
-               for p in model.parameters() if p.requires_grad]
-    try:
-        gv = msvag_mb.GradientVariance(model, engine=engine)
-        with gv.collect(batch_size=B):
-            case.loss()(model(*inputs), targets).backward()
-    except UnsupportedModelError as error:
-        assert not reached, f"refused after the backward pass: {error}"
-        _assert_unchanged(model, before)
-        assert not torch.overrides._get_current_function_mode_stack()
-        return "refused"
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert expected is not None, "examples are not independent here: only a refusal is right"
-    names = {p: n for n, p in model.named_parameters()}
-    for param, (grad, variance) in expected.items():
-        if grad is None:
-            assert param.grad is None, f"{names[param]}: unused, yet p.grad is set"
-            continue
-        torch.testing.assert_close(param.grad, grad, rtol=1e-9, atol=1e-12,
-                                   msg=f"{names[param]}: p.grad differs")
-        torch.testing.assert_close(param.grad_variance, variance, rtol=1e-7, atol=1e-14,
-                                   msg=f"{names[param]}: p.grad_variance differs")
-    return "exact"
-
-
 def _exact_or_refused_cases():
     from test_exact_or_refused import CASES
 
@@ -543,6 +499,8 @@ def _exact_or_refused_cases():
 @pytest.mark.parametrize("engine", COLLECT_ENGINES + ["auto"])
 @pytest.mark.parametrize("case", _exact_or_refused_cases(), ids=lambda case: case.name)
 def test_exact_or_refused_in_collect(case, engine):
+    from test_exact_or_refused import run_case_in_collect
+
     run_case_in_collect(case, engine)
 
 

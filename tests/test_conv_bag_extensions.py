@@ -80,7 +80,7 @@ def test_bags_dense_and_per_pair(name, dense, monkeypatch):
     assert run_case(BY_NAME[name], "extensions") == "exact"
 
 
-def test_bags_that_are_not_examples_name_the_fix():
+def test_bags_that_are_not_examples_name_the_fix(without_output_probes):
     case = BY_NAME["embedding-bag-1d-positions-T=B"]
     model = case.build()
     tokens = case.inputs(torch.Generator().manual_seed(1))

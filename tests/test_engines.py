@@ -502,17 +502,17 @@ def test_auto_checks_the_model_once_and_its_fallbacks_only_when_needed(monkeypat
     assert calls == {"extensions": 1}  # called on its own, the engine checks the model
 
 
-class _LSTMTwice(nn.Module):
+class _OneSequenceForAll(nn.Module):
     def __init__(self):
         super().__init__()
         self.lstm = nn.LSTM(3, 3, num_layers=2, batch_first=True)
 
-    def forward(self, x):
-        return self.lstm(self.lstm(x)[0])[0]
+    def forward(self, x):  # one unbatched sequence for every example: all engines refuse
+        return self.lstm(x[0])[0].expand(x.shape[0], -1, -1)
 
 
 def test_auto_lists_the_fallbacks_it_checked_late_when_all_refuse():
-    model, x, y = _LSTMTwice(), torch.randn(4, 5, 3), torch.randn(4, 5, 3)
+    model, x, y = _OneSequenceForAll(), torch.randn(4, 5, 3), torch.randn(4, 5, 3)
     gv = msvag_mb.GradientVariance(model, nn.MSELoss(), engine="auto")
     with pytest.raises(UnsupportedModelError,
                        match=r"(?s)before or while running.*extensions:.*backpack:.*vmap:"):

@@ -102,53 +102,105 @@ def _assert_unchanged(model: nn.Module, before: dict) -> None:
     assert after["forwards"] == before["forwards"], "a forward was left replaced"
 
 
-def run_case(case: Case, engine: str | msvag_mb.Engine) -> str:
-    """``"exact"`` or ``"refused"``; raises AssertionError for anything else."""
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(1)
-    model = case.build().double()
-    inputs = tuple(v.double() if v.is_floating_point() else v for v in case.inputs(generator))
-    targets = case.targets(generator)
-    targets = targets.double() if targets.is_floating_point() else targets
-    try:
-        expected = brute_force(case, model, inputs, targets)
-    except (RuntimeError, ValueError):
-        expected = None  # no per-example gradients exist (e.g. BatchNorm in train mode)
-    before = _snapshot(model)
-    reached = []
-    handles = [p.register_hook(lambda g, reached=reached: reached.append(1))
-               for p in model.parameters() if p.requires_grad]
-    gradient_variance = None
-    try:
-        gradient_variance = msvag_mb.GradientVariance(model, case.loss(), engine=engine)
-        gradient_variance.backward(inputs, targets)
-    except UnsupportedModelError as error:
-        for handle in handles:
+@dataclass
+class Trial:
+    """One case made ready to run, in float64: the model, its inputs and targets, what brute
+    force expects (``None`` where no per-example gradients exist, e.g. BatchNorm in train
+    mode), a snapshot of the model, and hooks that note whether a backward pass reached a
+    parameter. Shared by :func:`run_case` and ``tests/test_collect.py``."""
+
+    model: nn.Module
+    inputs: tuple
+    targets: torch.Tensor
+    expected: dict | None
+    before: dict
+    reached: list
+    handles: list
+
+    @classmethod
+    def of(cls, case: Case) -> Trial:
+        torch.manual_seed(0)
+        generator = torch.Generator().manual_seed(1)
+        model = case.build().double()
+        inputs = tuple(v.double() if v.is_floating_point() else v
+                       for v in case.inputs(generator))
+        targets = case.targets(generator)
+        targets = targets.double() if targets.is_floating_point() else targets
+        try:
+            expected = brute_force(case, model, inputs, targets)
+        except (RuntimeError, ValueError):
+            expected = None  # the examples are not independent
+        before = _snapshot(model)
+        reached = []
+        handles = [p.register_hook(lambda g, reached=reached: reached.append(1))
+                   for p in model.parameters() if p.requires_grad]
+        return cls(model, inputs, targets, expected, before, reached, handles)
+
+    def remove_hooks(self) -> None:
+        for handle in self.handles:
             handle.remove()
-        assert not reached, f"refused after the backward pass: {error}"
-        _assert_unchanged(model, before)
+        self.handles.clear()
+
+    def refused(self, error: UnsupportedModelError) -> str:
+        """``"refused"``, once the refusal is shown to come before any gradient reached a
+        parameter, to say why and to leave the model as it was."""
+        self.remove_hooks()
+        assert not self.reached, f"refused after the backward pass: {error}"
+        _assert_unchanged(self.model, self.before)
         assert str(error), "a refusal must say why"
         return "refused"
+
+    def exact(self) -> str:
+        """``"exact"``, once ``p.grad`` equals ``loss.backward()``'s and ``p.grad_variance``
+        brute force's, unused and frozen parameters keep ``p.grad is None``."""
+        assert self.expected is not None, \
+            "examples are not independent here: only a refusal is right"
+        assert any(v[1] is not None and v[1].abs().max() > 0 for v in self.expected.values()), \
+            "the comparison must be able to fail"
+        names = {p: n for n, p in self.model.named_parameters()}
+        for param, (grad, variance) in self.expected.items():
+            if grad is None:
+                assert param.grad is None, f"{names[param]}: unused, yet p.grad is set"
+                continue
+            assert param.grad is not None, f"{names[param]}: p.grad missing"
+            torch.testing.assert_close(param.grad, grad, rtol=1e-9, atol=1e-12,
+                                       msg=f"{names[param]}: p.grad differs from "
+                                           "loss.backward()")
+            torch.testing.assert_close(param.grad_variance, variance, rtol=1e-7, atol=1e-14,
+                                       msg=f"{names[param]}: p.grad_variance differs from "
+                                           "brute force")
+        frozen = [p for p in self.model.parameters() if not p.requires_grad]
+        assert all(p.grad is None for p in frozen)
+        return "exact"
+
+
+def run_case(case: Case, engine: str | msvag_mb.Engine) -> str:
+    """``"exact"`` or ``"refused"``; raises AssertionError for anything else."""
+    trial = Trial.of(case)
+    try:
+        gradient_variance = msvag_mb.GradientVariance(trial.model, case.loss(), engine=engine)
+        gradient_variance.backward(trial.inputs, trial.targets)
+    except UnsupportedModelError as error:
+        return trial.refused(error)
     finally:
-        for handle in handles:
-            handle.remove()
-    assert expected is not None, "examples are not independent here: only a refusal is right"
-    assert any(v[1] is not None and v[1].abs().max() > 0 for v in expected.values()), \
-        "the comparison must be able to fail"
-    names = {p: n for n, p in model.named_parameters()}
-    for param, (grad, variance) in expected.items():
-        if grad is None:
-            assert param.grad is None, f"{names[param]}: unused, yet p.grad is set"
-            continue
-        assert param.grad is not None, f"{names[param]}: p.grad missing"
-        torch.testing.assert_close(param.grad, grad, rtol=1e-9, atol=1e-12,
-                                   msg=f"{names[param]}: p.grad differs from loss.backward()")
-        torch.testing.assert_close(param.grad_variance, variance, rtol=1e-7, atol=1e-14,
-                                   msg=f"{names[param]}: p.grad_variance differs from brute "
-                                       "force")
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    assert all(p.grad is None for p in frozen)
-    return "exact"
+        trial.remove_hooks()
+    return trial.exact()
+
+
+def run_case_in_collect(case: Case, engine: str) -> str:
+    """As :func:`run_case`, with the forward and the loss run by the caller inside
+    ``gv.collect()`` (which leaves no ``torch.overrides`` mode behind when it refuses)."""
+    trial = Trial.of(case)
+    try:
+        gradient_variance = msvag_mb.GradientVariance(trial.model, engine=engine)
+        with gradient_variance.collect(batch_size=B):
+            case.loss()(trial.model(*trial.inputs), trial.targets).backward()
+    except UnsupportedModelError as error:
+        assert not torch.overrides._get_current_function_mode_stack()
+        return trial.refused(error)
+    finally:
+        trial.remove_hooks()
+    return trial.exact()
 
 
 # -- the cases ---------------------------------------------------------------------------
@@ -298,6 +350,56 @@ def reuse_linear_cases() -> list[Case]:
         Case("linear-called-twice-sum-loss", lambda: Lambda(
             lambda s, x: s.lin(torch.tanh(s.lin(x))), lin=nn.Linear(4, 4)),
             _randn(B, 4), _targets(B, 4), loss=lambda: nn.MSELoss(reduction="sum")),
+    ]
+
+    def attention_tied_to_linear():  # out_proj.weight is also a Linear's weight
+        model = Lambda(lambda s, x: s.out(torch.tanh(s.head(s.attn(x, x, x)[0]))),
+                       attn=nn.MultiheadAttention(4, 2, batch_first=True),
+                       head=nn.Linear(4, 4), out=nn.Linear(4, 2))
+        model.head.weight = model.attn.out_proj.weight
+        return model
+
+    def self_then_distinct(s, x):  # sequence-first: self-attention, then k and v apart
+        h = torch.tanh(s.attn(*3 * [x.transpose(0, 1)])[0])
+        k, v = s.k(x).transpose(0, 1), s.v(x).transpose(0, 1)
+        return s.out(s.attn(h, k, v, need_weights=False)[0].transpose(0, 1))
+
+    for t in (3, B):  # attention used several times (packed in-projection in row blocks)
+        cases += [
+            Case(f"mha-reused-self-then-distinct-sequence-first-T{t}", lambda: Lambda(
+                self_then_distinct, attn=nn.MultiheadAttention(4, 2, add_bias_kv=True),
+                k=nn.Linear(4, 4), v=nn.Linear(4, 4), out=nn.Linear(4, 2)),
+                _randn(B, t, 4), _targets(B, t, 2)),
+            Case(f"encoder-layer-twice-norm_first-T{t}", lambda: Lambda(
+                lambda s, x: s.out(s.layer(s.layer(x))), layer=nn.TransformerEncoderLayer(
+                    4, 2, dim_feedforward=6, dropout=0.0, batch_first=True,
+                    norm_first=True), out=nn.Linear(4, 2)), _randn(B, t, 4),
+                _targets(B, t, 2)),
+        ]
+    cases.append(Case("mha-out-proj-tied-to-linear", attention_tied_to_linear,
+                      _randn(B, 3, 4), _targets(B, 3, 2)))
+
+    def lstm_weight_ih_tied():  # a second LSTM on the first's output shares weight_ih_l0
+        model = Lambda(lambda s, x: s.out(s.second(s.first(x)[0])[0]),
+                       first=nn.LSTM(4, 4, batch_first=True),
+                       second=nn.LSTM(4, 4, batch_first=True), out=nn.Linear(4, 2))
+        model.second.weight_ih_l0 = model.first.weight_ih_l0
+        return model
+
+    def encoder_then_decoder(s, x):  # one layer on two segments, the second from the state
+        first, state = s.rnn(x[:, :3])
+        return s.out(torch.cat([first, s.rnn(x[:, 3:], state)[0]], 1))
+
+    cases += [  # recurrent layers used several times (sum over steps of outer products)
+        Case("LSTM-called-twice-summed", lambda: Lambda(
+            lambda s, x: s.out(s.rnn(x)[0] + s.rnn(torch.tanh(2 * x))[0]),
+            rnn=nn.LSTM(3, 4, batch_first=True, proj_size=3), out=nn.Linear(3, 2)),
+            _randn(B, 3, 3), _targets(B, 3, 2)),
+        Case("GRU-bidirectional-encoder-then-decoder", lambda: Lambda(
+            encoder_then_decoder, rnn=nn.GRU(3, 4, batch_first=True, bidirectional=True),
+            out=nn.Linear(8, 2)), _randn(B, 6, 3), _targets(B, 6, 2)),
+        Case("LSTM-weight_ih-tied-to-another-LSTM", lstm_weight_ih_tied, _randn(B, 3, 4),
+             _targets(B, 3, 2)),
     ]
     return cases
 
@@ -1144,6 +1246,17 @@ def trap_cases() -> list[Case]:
             nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
             nn.Linear(3 * 3 * 3, 10)), _randn(B, 1, 6, 6), _classes(10, B),
             loss=lambda: nn.CrossEntropyLoss()),
+        # operations along the examples' axis between layers (tests/test_layout_mixing.py)
+        Case("rows-repeated-by-an-index", lambda: Lambda(  # sized to run on one example too
+            lambda s, x: s.out(torch.tanh(s.first(x)[torch.tensor([0, 0, 2, 3])[:len(x)]
+                                                   % len(x)])),
+            first=nn.Linear(4, 4), out=nn.Linear(4, 2)), _randn(B, 4), _targets(B, 2)),
+        Case("product-across-the-batch", lambda: Lambda(
+            lambda s, x: s.out(torch.tanh(torch.ones(B, B, dtype=x.dtype) @ s.first(x))),
+            first=nn.Linear(4, 4), out=nn.Linear(4, 2)), _randn(B, 4), _targets(B, 2)),
+        Case("cumsum-along-steps-as-many-as-examples", lambda: Lambda(
+            lambda s, x: s.out(torch.tanh(s.first(x).cumsum(1))),
+            first=nn.Linear(4, 4), out=nn.Linear(4, 2)), _randn(B, B, 4), _targets(B, B, 2)),
     ] + reuse_trap_cases()
 
 
@@ -1186,6 +1299,23 @@ def reuse_trap_cases() -> list[Case]:
         cases.append(Case(f"bare-positions-on-tokens-T{t}", lambda: _Bare("pos", tokens=True),
                           lambda g, t=t: (torch.randint(0, 7, (B, t), generator=g),),
                           _targets(B, t, 2)))
+
+    def generic_tied_to_linear():  # the generic fallback's weight is a Linear's
+        model = Lambda(lambda s, x: s.out(s.g(torch.tanh(s.lin(x)))), lin=nn.Linear(4, 4),
+                       g=_Gated(4, 4), out=nn.Linear(4, 2))
+        model.g.weight = model.lin.weight
+        return model
+
+    cases += [  # modules of the generic fallback used several times
+        Case("generic-prelu-called-twice", lambda: Lambda(
+            lambda s, x: s.out(s.act(s.mid(s.act(x)))), act=nn.PReLU(4),
+            mid=nn.Linear(4, 4), out=nn.Linear(4, 2)), _randn(B, 4), _targets(B, 2)),
+        Case("generic-bilinear-called-twice", lambda: Lambda(
+            lambda s, x: (lambda h: s.out(s.bil(torch.tanh(s.bil(h, h)), h)))(s.pre(x)),
+            pre=nn.Linear(3, 4), bil=nn.Bilinear(4, 4, 4), out=nn.Linear(4, 2)),
+            _randn(B, 3, 3), _targets(B, 3, 2)),
+        Case("generic-tied-to-linear", generic_tied_to_linear, _randn(B, 4), _targets(B, 2)),
+    ]
     return cases
 
 

@@ -44,7 +44,7 @@ def test_extensions_engine_is_exact(case):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in REFUSED],
                          ids=lambda case: case.name)
-def test_extensions_engine_refuses_the_traps_naming_the_layer(case):
+def test_extensions_engine_refuses_the_traps_naming_the_layer(case, without_output_probes):
     assert run_case(case, "extensions") == "refused"  # before backward, model unchanged
     torch.manual_seed(0)
     model = case.build().double()

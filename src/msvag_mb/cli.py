@@ -15,6 +15,9 @@ same global batch; see ``docs/scaling_out.md``.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import select
 import shlex
 import sys
 import tempfile
@@ -162,11 +165,64 @@ def _again(prog: str, argv: Sequence[str], add_resume: bool) -> str:
     return " ".join([launcher, *map(shlex.quote, kept)])
 
 
+#: the exit status of a Unix tool that a closed pipe ended (128 + SIGPIPE)
+CLOSED_PIPE_STATUS = 141
+
+
+def _reader_gone(stream) -> bool:
+    """Whether ``stream`` is a pipe (or socket) whose reading end is closed: ``poll`` reports
+    an error or hang-up on a writable file descriptor that nobody reads any more."""
+    try:
+        descriptor = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False  # no file descriptor (a test's captured output): no pipe to close
+    if not hasattr(select, "poll"):
+        return stream is sys.stdout  # Windows: stdout, the one a pipe usually closes
+    poller = select.poll()
+    poller.register(descriptor, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _quiet_on_closed_pipe(main: Callable[..., int]) -> Callable[..., int]:
+    """``main`` ending as Unix tools do when the reader of its output goes away
+    (``msvag-train ... | head -3``): status :data:`CLOSED_PIPE_STATUS`, no traceback.
+
+    Python ignores SIGPIPE, so a write to the closed pipe raises ``BrokenPipeError``; it is
+    caught here and the closed stream pointed at ``/dev/null``, where Python's flush at exit
+    can write what is left. Restoring ``signal(SIGPIPE, SIG_DFL)`` instead would also kill
+    the process silently when a socket of the process group closes (torchrun, gloo). A
+    ``BrokenPipeError`` of another pipe (a data loader's worker) is raised as before."""
+
+    @functools.wraps(main)
+    def entry_point(argv: Sequence[str] | None = None) -> int:
+        # the flushes: a pipe closed after the last print fails here, not at exit
+        try:
+            try:
+                status = main(argv)
+            except SystemExit:  # argparse's --help and usage errors
+                sys.stdout.flush()
+                raise
+            sys.stdout.flush()
+            return status
+        except BrokenPipeError:
+            closed = [stream for stream in (sys.stdout, sys.stderr) if _reader_gone(stream)]
+            if not closed:
+                raise
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for stream in closed:
+                os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+            return CLOSED_PIPE_STATUS
+
+    return entry_point
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
 
 
+@_quiet_on_closed_pipe
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``msvag-train``: train one run, or (no arguments / ``--compare``) the comparison."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -247,6 +303,7 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+@_quiet_on_closed_pipe
 def tune_main(argv: Sequence[str] | None = None) -> int:
     """``msvag-tune``: the step-size grid of App. A.2, then the winner over 10 seeds."""
     parser = argparse.ArgumentParser(
@@ -282,6 +339,7 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+@_quiet_on_closed_pipe
 def reproduce_main(argv: Sequence[str] | None = None) -> int:
     """``msvag-reproduce``: rerun a recorded run's first steps and compare its records."""
     parser = argparse.ArgumentParser(
@@ -326,6 +384,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+@_quiet_on_closed_pipe
 def plot_main(argv: Sequence[str] | None = None) -> int:
     """``msvag-plot``: Fig. 5-style figure and table of every run below a folder."""
     parser = argparse.ArgumentParser(

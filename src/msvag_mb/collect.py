@@ -21,6 +21,7 @@ it watches:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -68,6 +69,7 @@ class RootForwardWatch:
         self.finished = False  # the forward returned
         self.raised = False  # the forward raised (e.g. the engine refused a layer)
         self.running = False
+        self.paused = False  # our own extra forwards (the independence check) pass through
         self._on_start, self._on_output = on_start, on_output
         self._handles = [
             model.register_forward_pre_hook(self._before, with_kwargs=True),
@@ -75,6 +77,8 @@ class RootForwardWatch:
         ]
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.paused:
+            return
         if self.forwards:
             raise RuntimeError(
                 "the model ran a second forward inside one gv.collect() block: use one "
@@ -85,6 +89,8 @@ class RootForwardWatch:
         self._on_start(args, kwargs)
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if self.paused:
+            return
         was_running, self.running = self.running, False
         if not was_running:
             return
@@ -93,6 +99,15 @@ class RootForwardWatch:
             return
         self._on_output(output)
         self.finished = True
+
+    @contextlib.contextmanager
+    def pause(self):
+        """Let the forwards inside the block through unwatched (our own, not the user's)."""
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = False
 
     def remove(self) -> None:
         """Remove both hooks."""

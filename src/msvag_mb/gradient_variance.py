@@ -59,13 +59,14 @@ from .engines import (
 )
 from .engines.selection import checked_for, next_supported_engine
 from .engines.base import CollectSession, LossFunction, ParameterStatistics
+from .engines.independence import check_examples_independent
 from .mixed_precision import (
     current_scale,
     engine_call_setup,
     in_parameter_dtype,
     unscaled_since_update,
 )
-from .model_checks import UnsupportedModelError, batch_size_of, qualified_names
+from .model_checks import UnsupportedModelError, batch_size_of, carried_state, qualified_names
 from .param_variance import all_finite, clear_grad_variance, set_grad_variance
 from .statistics_allreduce import DEFAULT_BUCKET_CAP_MB, StatisticsStream
 
@@ -103,14 +104,6 @@ def _unwrap_ddp(model: nn.Module) -> tuple[nn.Module, nn.parallel.DistributedDat
     # Not calling ddp_model.forward never arms the reducer, so its hooks stay idle
     # and a later ordinary ddp_model(x) forward/backward still works.
     return model.module, model
-
-
-def _carried_state(model: nn.Module):
-    """The state a model carries from call to call (``get_state``/``set_state``, the
-    ``CarriesState`` protocol of the problems), or ``None``: a refused forward pass may
-    have advanced it, and the next engine must start where the refused one did."""
-    get_state, set_state = getattr(model, "get_state", None), getattr(model, "set_state", None)
-    return get_state() if callable(get_state) and callable(set_state) else None
 
 
 @dataclass
@@ -360,17 +353,26 @@ class GradientVariance:
             raise ValueError(f"Invalid batch_size: {batch_size!r} (a number of examples)")
         return _CollectBlock(self, batch_size, reduction or self.reduction, scaler)
 
-    def _collect_engines(self) -> list[Engine]:
-        """The engines a collect block may use (the first is used): ``engine`` if it serves
-        collect and supports the model, or those ``"auto"`` may choose that do."""
+    def _collect_engines(self, after: str | None = None) -> list[Engine]:
+        """The engine a collect block uses, as a list of one: ``engine`` if it serves
+        collect and supports the model, or the first that ``"auto"`` may choose that does
+        (``after``: the first after that one, for a refusal's hint; the rest are not
+        checked, which costs every call otherwise)."""
         if self._engine is not None:
+            if after is not None:
+                return []
             if not self._engine.serves_collect:
                 raise ValueError(self._not_serving_collect(self._engine))
             engines = [select_engine(self.model, self._engine)]
         else:
-            engines = [cls() for cls in auto_candidates()
-                       if cls.serves_collect and self._engine_fits(cls)
-                       and cls.unsupported_reason(self.model) is None]
+            candidates = [cls for cls in auto_candidates() if cls.serves_collect]
+            if after is not None:
+                names = [cls.name for cls in candidates]
+                candidates = candidates[names.index(after) + 1:] if after in names else []
+            engines = next(([cls()] for cls in candidates if self._engine_fits(cls)
+                            and cls.unsupported_reason(self.model) is None), [])
+            if after is not None:
+                return engines
             if not engines:
                 reasons = [f"  {cls.name}: {cls.unsupported_reason(self.model)}"
                            for cls in auto_candidates() if cls.serves_collect]
@@ -550,7 +552,7 @@ class GradientVariance:
         carried state as it was -- unless it already sent statistics to the other ranks."""
         if call.local_examples == 0 and self.is_distributed:
             return None
-        state = _carried_state(self.model) if call.fallbacks else None
+        state = carried_state(self.model) if call.fallbacks else None
         refusals = []
         while True:
             model, loss_fn, context = engine_call_setup(
@@ -665,7 +667,6 @@ class _CollectBlock:
         self._session: CollectSession | None = None
         self._stream: StatisticsStream | None = None  # with DDP: this block's all-reduce
         self._writes: GradientWrites | None = None
-        self._others: list[str] = []  # other engines that serve collect for this model
 
     def __enter__(self) -> "_CollectBlock":
         owner = self.owner
@@ -675,8 +676,7 @@ class _CollectBlock:
                 "with DistributedDataParallel, gv.collect() needs the loss reduction to "
                 "combine the ranks' batches: gv.collect(reduction='mean') or 'sum'.")
         params = owner._parameters_or_raise()
-        engine, *others = owner._collect_engines()
-        self._others = [e.name for e in others]
+        engine = owner._collect_engines()[0]
         call = owner._open_call(params, engine, [], self.batch_size, self.scaler,
                                 self.reduction)
         call.loss_known = False
@@ -734,6 +734,10 @@ class _CollectBlock:
         if self._stream is not None:
             self._stream.examples = batch_size
         inputs = [t for t in example_tensors(args, kwargs) if t.shape[0] == batch_size]
+        if call.engine.units_are_examples:  # before the engine's hooks are attached
+            with self._watch.pause():
+                check_examples_independent(self.owner.model, args, kwargs,
+                                           engine=call.engine.name, batch_size=batch_size)
         self._session.begin(batch_size, inputs)
 
     def __exit__(self, exc_type, exc, traceback) -> bool:
@@ -791,8 +795,9 @@ class _CollectBlock:
             self._stream.fail()
 
     def _no_fallback_hint(self) -> str:
-        others = (f"engine='{self._others[0]}' also serves gv.collect() for this model's "
-                  "layers; or " if self._others else "")
+        other = self.owner._collect_engines(after=self.call.engine.name)
+        others = (f"engine='{other[0].name}' also serves gv.collect() for this model's "
+                  "layers; or " if other else "")
         return ("\ngv.collect() cannot retry with another engine (your forward runs once): "
                 f"{others}use gv.backward(inputs, targets) with a loss_fn, where "
                 "engine='auto' falls back to the engines that run the model themselves.")

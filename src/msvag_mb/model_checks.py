@@ -210,16 +210,20 @@ def carried_state(model: nn.Module):
     return get_state() if callable(get_state) and callable(set_state) else None
 
 
-def examples_not_independent_error(detail: str) -> UnsupportedModelError:
-    """The refusal of a model whose output for the batch is not the stack of its outputs
-    for each example alone (found by running both once, in eval mode, without gradients)."""
+def examples_not_independent_error(detail: str, engine: str) -> UnsupportedModelError:
+    """The refusal of a model whose examples are not independent (found by probing its
+    outputs once per input signature, in eval mode, without gradients:
+    :mod:`msvag_mb.engines.independence`)."""
     return UnsupportedModelError(
-        "engine 'vmap' runs the model on one example at a time, and the model's output for "
-        f"the whole batch is not the stack of its outputs for each example alone ({detail}): "
-        "it mixes the examples (e.g. a statistic over dim 0) or broadcasts a tensor along "
-        "the examples' axis (e.g. positions (T, d) added to a sequence-first (T, B, d) "
-        "input with T == B), so no per-example gradients exist. Make the examples "
-        "independent, or use engine=msvag_mb.GhostBatchEngine(groups=K)."
+        f"engine '{engine}' computes per-example statistics, and the model's examples are "
+        f"not independent ({detail}; probed once per input shapes, in eval mode: replacing "
+        "one example's inputs must change only that example's outputs, and the batch's "
+        "outputs must be the stack of each example's alone): it mixes the examples "
+        "(e.g. a statistic over dim 0 such as h - h.mean(0), h.roll(1, 0), h[idx] with "
+        "repeated rows, a product across the batch) or broadcasts a tensor along the "
+        "examples' axis (e.g. positions (T, d) added to a sequence-first (T, B, d) input "
+        "with T == B), so no per-example gradients exist. Make the examples independent, "
+        "or use engine=msvag_mb.GhostBatchEngine(groups=K)."
     )
 
 
@@ -265,13 +269,39 @@ def wrong_batch_axis_error(layer: str, kind: str, shape: tuple[int, ...],
 
 def no_examples_error(layer: str, kind: str, shape: tuple[int, ...],
                       mixed: bool = False) -> UnsupportedModelError:
-    """A layer input that holds no examples, or combines tensors whose examples disagree."""
-    what = ("combines tensors whose examples lie along different axes (e.g. an embedding "
-            "of torch.arange positions, which holds no examples, added to per-example "
-            "features)" if mixed else
-            "holds no examples (it is computed from parameters only, e.g. a positional "
-            "parameter), so its use is shared by all examples")
+    """A layer input that holds no examples, or in which they cannot be told apart."""
+    if mixed:
+        return UnsupportedModelError(
+            f"layer '{layer}' ({kind}) got an input of shape {tuple(shape)} in which the "
+            "examples cannot be told apart: either it combines tensors whose examples lie "
+            "along different axes (e.g. an embedding of torch.arange positions, which holds "
+            "no examples, added to per-example features; use engine='vmap', to which "
+            "engine='auto' falls back), or the model mixes its examples (an operation along "
+            f"their axis, e.g. a statistic over dim 0 such as h - h.mean(0); {_INDEPENDENT})."
+        )
     return UnsupportedModelError(
-        f"layer '{layer}' ({kind}) got an input of shape {tuple(shape)} that {what}; its "
-        f"per-example contributions cannot be computed from the layer alone. {_USE_VMAP}."
+        f"layer '{layer}' ({kind}) got an input of shape {tuple(shape)} that holds no "
+        "examples (it is computed from parameters only, e.g. a positional parameter), so "
+        "its use is shared by all examples; its per-example contributions cannot be "
+        f"computed from the layer alone. {_USE_VMAP}."
+    )
+
+
+_INDEPENDENT = ("make the examples independent (apply the operation along another dim), or "
+                "use engine=msvag_mb.GhostBatchEngine(groups=K), whose units are groups of "
+                "examples")
+
+
+def examples_combined_error(layer: str, kind: str, shape: tuple[int, ...],
+                            operation: str) -> UnsupportedModelError:
+    """A layer input computed by an operation along the examples' axis, which combines,
+    reorders or selects the examples (found by ``msvag_mb.extensions.layout``)."""
+    return UnsupportedModelError(
+        f"layer '{layer}' ({kind}) got an input of shape {tuple(shape)} computed by an "
+        f"operation along the examples' axis ({operation}): the model mixes its examples "
+        "(e.g. a statistic over dim 0 such as h - h.mean(0), h / h.norm(dim=0) or "
+        "h.max(0); a softmax, cumsum or sort over dim 0; h.roll(1, 0), h.flip(0), h[idx] "
+        "or h[:k] along dim 0; a product across the batch such as ones(B, B) @ h), so the "
+        "rows of this input are not the examples one by one and per-example gradients "
+        f"cannot be formed. {_INDEPENDENT[0].upper()}{_INDEPENDENT[1:]}."
     )

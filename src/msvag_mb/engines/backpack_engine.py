@@ -51,6 +51,7 @@ from .base import (
     ParameterStatistics,
     register_engine,
 )
+from .independence import check_examples_independent
 
 
 def _rnn_problem(module: nn.RNNBase) -> str | None:
@@ -251,6 +252,7 @@ class BackpackEngine(Engine):
         leaf modules: the batch gradient and the sum of squared per-example contributions.
         """
         args = model_inputs(inputs)
+        check_examples_independent(model, args, engine=self.name)
         with _BackpackSession(model, parameters) as session:
             session.begin(batch_size_of(inputs), args)
             loss = loss_fn(model(*args), targets)

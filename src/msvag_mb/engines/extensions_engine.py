@@ -47,6 +47,7 @@ from .base import (
     StatisticsListener,
     register_engine,
 )
+from .independence import check_examples_independent
 from .selection import refuse_unsupported
 
 
@@ -81,6 +82,7 @@ class ExtensionsEngine(Engine):
         batch_size = batch_size_of(inputs)
         trainable = [p for p in parameters if p.requires_grad]
         args = model_inputs(inputs)
+        check_examples_independent(model, args, engine=self.name)
         announced = _Announcements(trainable, on_ready)
         try:
             with SumGradSquaredHooks(model, trainable, batch_size, inputs=args,

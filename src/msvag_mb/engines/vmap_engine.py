@@ -29,25 +29,23 @@ the examples), modules extended by BackPACK, and BatchNorm in train mode.
 
 from __future__ import annotations
 
-import weakref
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from ..model_checks import (
     FREQUENCY_SCALING_REASON,
     UnsupportedModelError,
     batch_size_of,
-    carried_state,
-    examples_not_independent_error,
     model_fails_on_one_example_error,
     model_inputs,
     train_mode_batchnorm_reason,
 )
 from .base import Engine, EngineResult, LossFunction, ParameterStatistics, register_engine
+from .independence import check_examples_independent
 
 
 def _module_problem(module: nn.Module) -> str | None:
@@ -129,57 +127,6 @@ def _reached(loss: Tensor, params: dict[str, Tensor]) -> set[str]:
     return found
 
 
-#: model -> the input signatures (shapes, dtypes) for which its examples were found
-#: independent; engines are made per call, the models' structure stays
-_INDEPENDENT: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
-
-#: agreement required between the batch output and the stacked one-example outputs
-_TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-3}
-
-
-def _output_mismatch(model: nn.Module, args: tuple) -> str | None:
-    """How ``model(*args)`` differs from ``vmap`` of the model on one example at a time
-    (eval mode, no gradients), or ``None`` when they agree (or the check cannot run:
-    randomness even in eval mode, or an operation vmap cannot batch, which the engine's
-    own run then reports)."""
-    def one_example(*example):
-        output = model(*(x.unsqueeze(0) for x in example))
-        return tree_map(lambda out: out.squeeze(0), output)
-
-    training = [(module, module.training) for module in model.modules()]
-    state = carried_state(model)  # the two extra forwards must leave no trace
-    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            try:
-                batch = model(*args)
-                stacked = vmap(one_example, randomness="error")(*args)
-            except (RuntimeError, ValueError, NotImplementedError, IndexError):
-                return None
-    finally:
-        for module, mode in training:
-            module.training = mode
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
-        if state is not None:
-            model.set_state(state)
-    pairs = list(zip(tree_flatten(batch)[0], tree_flatten(stacked)[0]))
-    for whole, alone in pairs:
-        if not isinstance(whole, Tensor) or not whole.is_floating_point():
-            continue
-        if whole.shape != alone.shape:
-            return f"shape {tuple(whole.shape)} for the batch, {tuple(alone.shape)} stacked"
-        # batched kernels round differently (and autocast may pick other dtypes for them)
-        tolerance = max(_TOLERANCES.get(t.dtype, 5e-2) for t in (whole, alone))
-        whole, alone = whole.double(), alone.double()
-        if not torch.allclose(whole, alone, rtol=tolerance, atol=tolerance, equal_nan=True):
-            error = (whole - alone).nan_to_num(nan=float("inf")).abs().max().item()
-            return f"they differ by up to {error:.3g}"
-    return None
-
-
 @register_engine
 class VmapEngine(Engine):
     """Per-example gradients via ``torch.func.vmap`` over a functional call of the model."""
@@ -213,29 +160,12 @@ class VmapEngine(Engine):
         batch loss is their mean or sum, else the exact expanded-parameter path.
         """
         with _ParametersKept(model):
-            self._check_examples_independent(model, inputs)
+            check_examples_independent(model, model_inputs(inputs), engine=self.name)
             result = self._per_example_losses(model, loss_fn, inputs, targets, parameters)
             if result is None:  # the loss does not split into per-example terms
                 result = self._expanded_parameters(model, loss_fn, inputs, targets,
                                                    parameters)
         return result
-
-    def _check_examples_independent(self, model: nn.Module, inputs) -> None:
-        """Refuse a model whose batch output is not the stack of its one-example outputs.
-
-        Per-example gradients exist only then; a model that mixes its examples or
-        broadcasts along their axis would otherwise get silently wrong statistics. Checked
-        once per model and input signature (it is a property of the model's structure),
-        in eval mode (no dropout to differ), without gradients."""
-        args = model_inputs(inputs)
-        signature = tuple((tuple(x.shape), x.dtype) for x in args)
-        checked = _INDEPENDENT.setdefault(model, set())
-        if signature in checked:
-            return
-        detail = _output_mismatch(model, args)
-        if detail is not None:
-            raise examples_not_independent_error(detail)
-        checked.add(signature)
 
     @staticmethod
     def _vmapped(model: nn.Module, inputs, function, in_dims, *args):

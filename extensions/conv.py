@@ -67,17 +67,29 @@ def _padded(module: nn.modules.conv._ConvNd, inputs: Tensor) -> tuple[Tensor, tu
 
 def _per_example_by_grouped_conv(module: nn.modules.conv._ConvNd, inputs: Tensor,
                                  padding: tuple[int, ...], grad_output: Tensor) -> Tensor:
-    """Per-example weight gradients ``(B, out, in/groups, *k)`` as the weight gradient of
-    one convolution whose groups are (example, group) pairs: the batch is folded into the
-    channels, so each example's output gradient only meets that example's input."""
-    batch, groups = inputs.shape[0], module.groups
-    weight_shape = (batch * module.out_channels, *module.weight.shape[1:])
+    """Per-example weight gradients ``(B, out, in/groups, *k)``
+    (:func:`per_example_by_grouped_convolution`)."""
+    return per_example_by_grouped_convolution(module, inputs, grad_output, padding)
+
+
+def per_example_by_grouped_convolution(module: nn.modules.conv._ConvNd, inputs: Tensor,
+                                       grad_output: Tensor, padding, *,
+                                       output_padding=None) -> Tensor:
+    """Per-example weight gradients, shaped ``(B, *module.weight.shape)``, as the weight
+    gradient of one convolution (transposed where ``module`` is) whose groups are
+    (example, group) pairs: the batch is folded into the channels, so each example's
+    output gradient only meets that example's input. ``output_padding``: a transposed
+    convolution's, for this input and output gradient."""
+    batch, groups, transposed = inputs.shape[0], module.groups, module.transposed
+    channels = module.in_channels if transposed else module.out_channels
+    weight_shape = (batch * channels, *module.weight.shape[1:])
     per_example = torch.ops.aten.convolution_backward(
         grad_output.reshape(1, -1, *grad_output.shape[2:]),
         inputs.reshape(1, -1, *inputs.shape[2:]),
         grad_output.new_empty(weight_shape),  # only its shape is used (uninitialised)
-        None, list(module.stride), list(padding), list(module.dilation), False,
-        [0] * len(padding), batch * groups, (False, True, False),
+        None, list(module.stride), list(padding), list(module.dilation), transposed,
+        list(output_padding) if transposed else [0] * len(padding), batch * groups,
+        (False, True, False),
     )[1]
     return per_example.view(batch, *module.weight.shape)
 

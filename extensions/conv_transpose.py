@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .conv import ConvolutionFamilyExtension, patches
+from .conv import ConvolutionFamilyExtension, patches, per_example_by_grouped_convolution
 from .core import (
     CACHE_BUDGET_ELEMENTS,
     MEMORY_BUDGET_ELEMENTS,
@@ -60,19 +60,11 @@ def output_padding_of(module: nn.modules.conv._ConvTransposeNd, inputs: Tensor,
 
 def _per_example_by_grouped_conv(module: nn.modules.conv._ConvTransposeNd, inputs: Tensor,
                                  grad_output: Tensor) -> Tensor:
-    """Per-example weight gradients ``(B, in, out/groups, *k)`` as the weight gradient of
-    one transposed convolution whose groups are (example, group) pairs."""
-    batch, groups = inputs.shape[0], module.groups
-    weight_shape = (batch * module.in_channels, *module.weight.shape[1:])
-    per_example = torch.ops.aten.convolution_backward(
-        grad_output.reshape(1, -1, *grad_output.shape[2:]),
-        inputs.reshape(1, -1, *inputs.shape[2:]),
-        grad_output.new_empty(weight_shape),  # only its shape is used (uninitialised)
-        None, list(module.stride), list(module.padding), list(module.dilation), True,
-        output_padding_of(module, inputs, grad_output), batch * groups,
-        (False, True, False),
-    )[1]
-    return per_example.view(batch, *module.weight.shape)
+    """Per-example weight gradients ``(B, in, out/groups, *k)``
+    (:func:`~msvag_mb.extensions.conv.per_example_by_grouped_convolution`)."""
+    return per_example_by_grouped_convolution(
+        module, inputs, grad_output, module.padding,
+        output_padding=output_padding_of(module, inputs, grad_output))
 
 
 def _per_example_by_unfold(module: nn.modules.conv._ConvTransposeNd, inputs: Tensor,

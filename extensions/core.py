@@ -35,6 +35,8 @@ from typing import Callable, ClassVar, Container, Protocol
 import torch
 from torch import Tensor, nn
 
+from msvag_mb.ops import SMALL_ELEMENTS, at_most_threads  # noqa: F401 (layers import them here)
+
 from .layout import ExampleLayouts
 from .uses import ParameterUses
 
@@ -313,29 +315,6 @@ CACHE_BUDGET_ELEMENTS = 1 << 21
 #: a bound on other per-chunk buffers (e.g. a conv layer's unfolded patches; 64 MB in
 #: float32)
 MEMORY_BUDGET_ELEMENTS = 1 << 24
-
-
-#: elementwise work on tensors below this many elements runs on one thread (see
-#: :func:`at_most_threads`)
-SMALL_ELEMENTS = 1 << 20
-
-
-@contextlib.contextmanager
-def at_most_threads(count: int | None):
-    """Run the block with at most ``count`` intra-op threads, restoring the setting after.
-
-    For short kernels: each parallel kernel wakes the worker threads, which can cost more
-    than the kernel itself (docs/benchmarks.md). ``None``: no change.
-    """
-    previous = torch.get_num_threads()
-    if count is None or count >= previous:
-        yield
-        return
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def chunk_size(per_example_elements: int, budget_elements: int) -> int:

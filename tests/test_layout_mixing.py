@@ -21,7 +21,7 @@ from torch import nn
 import msvag_mb
 from msvag_mb.engines import UnsupportedModelError, independence
 from msvag_mb.extensions.layout import MIXED, REDUCED, ExampleLayouts
-from test_exact_or_refused import B, Case, Trial, run_case
+from test_exact_or_refused import B, Case, Trial, run_case, run_case_in_collect
 
 WIDTH = 5
 
@@ -215,21 +215,6 @@ EXACT_CASES = ([_case(n, f, 2) for n, f in ALONG_FEATURES.items()]
 _ids = {"ids": lambda case: case.name}
 
 
-def run_in_collect(case: Case, engine: str) -> str:
-    """``"exact"`` or ``"refused"`` (before any gradient, the model as before), with the
-    forward and the loss inside ``gv.collect()``; raises AssertionError otherwise."""
-    trial = Trial.of(case)
-    try:
-        gv = msvag_mb.GradientVariance(trial.model, engine=engine)
-        with gv.collect(batch_size=B):
-            case.loss()(trial.model(*trial.inputs), trial.targets).backward()
-    except UnsupportedModelError as error:
-        return trial.refused(error)
-    finally:
-        trial.remove_hooks()
-    return trial.exact()
-
-
 # -- the trace itself ----------------------------------------------------------------------
 def _traced(case: Case):
     """The trace of ``f(a(x))`` (x needs a gradient: its layout is known from the start)."""
@@ -318,4 +303,4 @@ def test_exact_in_backward(case):
 
 @pytest.mark.parametrize("case", EXACT_CASES, **_ids)
 def test_exact_in_collect(case):
-    assert run_in_collect(case, "extensions") == "exact"
+    assert run_case_in_collect(case, "extensions") == "exact"

@@ -158,16 +158,16 @@ def test_three_steps_wrn(tmp_path, optimizer, variance):
 def test_engine_choice_for_batchnorm_and_plain_models():
     wrn = get_problem("cifar100_wrn404")
     config = TrainConfig(problem=wrn.name, variance="minibatch").resolved()
-    gv = make_gradient_variance(config, wrn, wrn.build_model(), wrn.loss_fn())
+    gv = make_gradient_variance(config, wrn.build_model(), wrn.loss_fn())
     assert isinstance(gv.select_engine(), GhostBatchEngine)
     assert gv.select_engine().groups == 8 == config.ghost_groups
     digits = get_problem("digits")
     config = TrainConfig(problem="digits", variance="minibatch", engine="backpack").resolved()
-    gv = make_gradient_variance(config, digits, digits.build_model(), digits.loss_fn())
+    gv = make_gradient_variance(config, digits.build_model(), digits.loss_fn())
     assert gv.engine_name == "backpack"
     bad = TrainConfig(problem=wrn.name, variance="minibatch", batch_size=12).resolved()
     with pytest.raises(ValueError, match="divisible"):
-        make_gradient_variance(bad, wrn, wrn.build_model(), wrn.loss_fn())
+        make_gradient_variance(bad, wrn.build_model(), wrn.loss_fn())
 
 
 def test_estimators_are_wired(tmp_path):

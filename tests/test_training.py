@@ -280,7 +280,7 @@ def test_ghost_batches_are_refused_on_several_processes(engine):
     config = TrainConfig(problem="digits", variance="minibatch", engine=engine,
                          world_size=2).resolved()
     with pytest.raises(ValueError, match="one process only"):
-        make_gradient_variance(config, get_problem("digits"), model, torch.nn.CrossEntropyLoss())
+        make_gradient_variance(config, model, torch.nn.CrossEntropyLoss())
 
 
 # -- the option lists come from the registries ------------------------------------------------

@@ -110,7 +110,7 @@ def test_minibatch_variance_is_exact():
         per_sequence.append([p.grad.clone() for p in model.parameters()])
     model.zero_grad()
     config = TrainConfig(problem=NAME, variance="minibatch", optimizer="msvag").resolved()
-    gv = make_gradient_variance(config, problem, model, loss_fn)
+    gv = make_gradient_variance(config, model, loss_fn)
     gv.backward(x, y)
     assert ENGINES[gv.engine_name].units_are_examples  # per-example, not ghost batches
     for index, param in enumerate(model.parameters()):

@@ -28,7 +28,6 @@ takes the eager path of :mod:`msvag_mb.optimizers` from the next step on.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import types
@@ -41,7 +40,7 @@ from torch import Tensor
 
 from .directions import Direction, advance_momentum_, descend_, step_coefficients
 from .estimators import VarianceEstimator, VarianceTarget
-from .ops import KERNEL, TENSOR, Ops, StepNumber
+from .ops import KERNEL, TENSOR, Ops, StepNumber, at_most_threads
 
 #: parameters with fewer elements share one gathered call: below this size, copying them
 #: in and out costs less than a call of their own (docs/benchmarks.md)
@@ -198,7 +197,7 @@ class _Kernel:
     def _through_dynamo(self, row: Row, scalars: Tensor, estimator) -> None:
         # Dynamo guards on the intra-op thread count, which the direct calls set per call
         # (one thread for small ones); its calls always see one, so no call recompiles
-        with _one_thread(True):
+        with at_most_threads(1):
             self.dynamo(*row, scalars, estimator)
 
     def _check(self, estimator) -> None:
@@ -386,10 +385,11 @@ class _Bucket:
                 self._eager(row)
             return
         cpu = self.config.device_type == "cpu"
-        with _one_thread(cpu):  # copies of small tensors: waking a thread costs more
+        # copies of small tensors: waking a thread costs more
+        with at_most_threads(1 if cpu else None):
             gathered = _gather(small)
         if self._call(gathered):
-            with _one_thread(cpu):
+            with at_most_threads(1 if cpu else None):
                 _scatter(gathered, small)
         else:
             for row in small:
@@ -400,8 +400,8 @@ class _Bucket:
         if self.kernel is None or self.config in _FAILED:
             return False
         try:
-            with _one_thread(self.config.device_type == "cpu"
-                             and row[0].numel() < PARALLEL_FROM):
+            with at_most_threads(1 if self.config.device_type == "cpu"
+                                 and row[0].numel() < PARALLEL_FROM else None):
                 self.kernel(row, self.scalars, self.estimator)
         except torch._dynamo.exc.TorchDynamoException as error:  # a recompile, before writing
             _compile_failed(self.config, error)
@@ -413,20 +413,6 @@ class _Bucket:
         config = self.config
         _update(*row, self.values, self.estimator, TENSOR, config.direction, config.target,
                 config.estimator_names, config.use_weight_decay)
-
-
-@contextlib.contextmanager
-def _one_thread(active: bool):
-    """Run the block on one intra-op thread if ``active`` (the setting is restored after)."""
-    threads = torch.get_num_threads()
-    if not active or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _compile_failed(config: KernelConfig, error: Exception) -> None:

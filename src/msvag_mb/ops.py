@@ -21,10 +21,37 @@ This module imports nothing else from the package (a ground-floor module).
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 
 import torch
 from torch import Tensor
+
+
+#: elementwise work on CPU tensors below this many elements runs on one thread: each
+#: parallel kernel wakes the worker threads, which costs more than such a kernel itself
+#: (docs/benchmarks.md, "Measured choices in the extensions")
+SMALL_ELEMENTS = 1 << 20
+
+
+@contextlib.contextmanager
+def at_most_threads(count: int | None):
+    """Run the block with at most ``count`` intra-op threads, restoring the setting after.
+    ``None``: no change."""
+    previous = torch.get_num_threads()
+    if count is None or count >= previous:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def small_on_cpu(*tensors: Tensor) -> bool:
+    """True if every tensor is on the CPU and below :data:`SMALL_ELEMENTS` elements."""
+    return all(t.device.type == "cpu" and t.numel() < SMALL_ELEMENTS for t in tensors)
 
 
 def _tiny(dtype: torch.dtype) -> float:

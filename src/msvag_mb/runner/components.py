@@ -51,12 +51,10 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
     return cls(groups, lr=config.lr, betas=(config.beta, 0.999), eps=1e-8, **path)
 
 
-def make_gradient_variance(config: TrainConfig, problem: Problem, model: nn.Module,
+def make_gradient_variance(config: TrainConfig, model: nn.Module,
                            loss_fn: nn.Module) -> GradientVariance:
-    """``GradientVariance`` for the mini-batch estimator, ghost batches for train-mode BN.
-
-    ``problem`` is accepted for the callers' convenience; ``config`` (resolved) says all.
-    """
+    """``GradientVariance`` for the mini-batch estimator (``config`` resolved), ghost
+    batches for train-mode BN."""
     model.train()
     name = config.engine or "auto"
     for_batchnorm = name == "auto" and bool(train_mode_batchnorm(model))

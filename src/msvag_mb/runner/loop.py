@@ -239,7 +239,7 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, problem.milestone_steps(config.steps), gamma=problem.lr_factor)
         self.gradient_variance = (
-            make_gradient_variance(config, problem, self.model, self.loss_fn)
+            make_gradient_variance(config, self.model, self.loss_fn)
             if config.variance == "minibatch" else None)
         self.carries_state = isinstance(self.module, CarriesState)
         self.step = 0

@@ -35,8 +35,6 @@ from typing import Callable, ClassVar, Container, Protocol
 import torch
 from torch import Tensor, nn
 
-from msvag_mb.ops import SMALL_ELEMENTS, at_most_threads  # noqa: F401 (layers import them here)
-
 from .layout import ExampleLayouts
 from .uses import ParameterUses
 

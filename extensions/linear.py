@@ -20,13 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from msvag_mb.model_checks import unbatched_input_error
+from msvag_mb.ops import SMALL_ELEMENTS, at_most_threads
 
 from .core import (
     CACHE_BUDGET_ELEMENTS,
-    SMALL_ELEMENTS,
     LayerContext,
     OutputGradientExtension,
-    at_most_threads,
     chunk_size,
     register_extension,
 )
@@ -47,7 +46,7 @@ def linear_sum_grad_squared(inputs: Tensor, grad_output: Tensor, weight: bool = 
     kernel costs a wake-up of the worker threads (as much as a small kernel itself), so
     the MLP path runs three kernels per layer, the two squares and the matmul, plus the
     bias's column sums, and the elementwise ones on one thread when the tensors are small
-    (:func:`~msvag_mb.extensions.core.at_most_threads`).
+    (:func:`msvag_mb.ops.at_most_threads`).
     """
     batch = inputs.shape[0]
     x = inputs.reshape(batch, -1, inputs.shape[-1])

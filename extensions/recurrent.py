@@ -60,13 +60,13 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from msvag_mb.model_checks import UnsupportedModelError
+from msvag_mb.ops import at_most_threads
 
 from .core import (
     CACHE_BUDGET_ELEMENTS,
     LayerContext,
     ModuleExtension,
     Removable,
-    at_most_threads,
     chunk_size,
 )
 from .reuse import DenseUse, ProductUse

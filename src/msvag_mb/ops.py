@@ -49,11 +49,6 @@ def at_most_threads(count: int | None):
         torch.set_num_threads(previous)
 
 
-def small_on_cpu(*tensors: Tensor) -> bool:
-    """True if every tensor is on the CPU and below :data:`SMALL_ELEMENTS` elements."""
-    return all(t.device.type == "cpu" and t.numel() < SMALL_ELEMENTS for t in tensors)
-
-
 def _tiny(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny
 

@@ -249,6 +249,24 @@ def within_batch_variance_(grad, sum_grad_squared, batch: int):
         grad, grad, value=-1.0 / (batch - 1)).clamp_(min=0.0)
 
 
+def plain_step(model: nn.Module, loss_fn) -> Callable:
+    """``run(x, y)``: one plain forward+backward, the gradients set to None first."""
+    def plain(x, y):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+
+    return plain
+
+
+def full_call(gv: msvag_mb.GradientVariance) -> Callable:
+    """``run(x, y)``: ``gv.zero_grad()`` and one ``gv.backward(x, y)``."""
+    def call(x, y):
+        gv.zero_grad()
+        gv.backward(x, y)
+
+    return call
+
+
 def build(name: str):
     """(model, loss_fn, (x, y)) of workload ``name``, seeded."""
     workload = WORKLOADS[name]
@@ -279,12 +297,7 @@ def methods(model: nn.Module, loss_fn) -> Methods:
     found by :func:`usable`), each a callable(x, y) doing one forward+backward with
     (gradient and) variance, and the first line of each refusal."""
     found = Methods(holders=[model])
-
-    def plain(x, y):
-        model.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-
-    found.runs["plain"] = plain
+    found.runs["plain"] = plain_step(model, loss_fn)
     _engines_alone(model, loss_fn, found)
     _backpack_variance(model, loss_fn, found)
     _full_calls(model, loss_fn, found)
@@ -368,12 +381,7 @@ def _full_calls(model: nn.Module, loss_fn, found: Methods) -> None:
             found.skipped[method] = first_line(reason)
             continue
         gv = msvag_mb.GradientVariance(model, loss_fn, engine=name)
-
-        def full_call(x, y, gv=gv):
-            gv.zero_grad()
-            gv.backward(x, y)
-
-        found.runs[method] = full_call
+        found.runs[method] = full_call(gv)
         found.holders.append(gv)
         found.gvs[method] = gv
 

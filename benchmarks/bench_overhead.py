@@ -115,24 +115,14 @@ def _runs(name: str, timer: StepTimer):
     reduction = getattr(loss_fn, "reduction", None)
     formula = timer.timed(bench_engines.within_batch_variance_, FORMULA_LABEL)
 
-    def plain(x, y):
-        model.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-
     def engine_alone(x, y):
         model.zero_grad(set_to_none=True)
         result = engine.compute(model, loss_fn, x, y, params, reduction)
         for stats in result.statistics.values():
             formula(stats.grad, stats.sum_grad_squared, result.units)
 
-    def full_call(gv):
-        def call(x, y):
-            gv.zero_grad()
-            gv.backward(x, y)
-
-        return call
-
-    runs = {"plain": plain, "engine alone": engine_alone,
+    full_call = bench_engines.full_call
+    runs = {"plain": bench_engines.plain_step(model, loss_fn), "engine alone": engine_alone,
             f"GV({picked})": full_call(gv_picked), "GV(auto)": full_call(gv_auto)}
     return runs, picked, batch
 

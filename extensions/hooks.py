@@ -27,7 +27,10 @@ its output); layers without parameters (activations, pooling, dropout, reshapes,
 functional ops) need none, since the output gradient of each hooked layer already contains
 everything downstream. On exit every hook,
 temporary ``forward`` and saved tensor is removed, so the model is left exactly as it was
-(another engine, e.g. ``torch.func.vmap``, can use it right after).
+(another engine, e.g. ``torch.func.vmap``, can use it right after), and the layouts and
+uses forget the pass's autograd nodes: hooks that stay on the graph reach them, and a
+reference cycle through autograd's C++ graph is one Python's collector cannot free
+(``tests/test_no_graph_kept.py``).
 """
 
 from __future__ import annotations
@@ -281,3 +284,8 @@ class SumGradSquaredHooks:
             for handle in handles:
                 handle.remove()
         self._handles.clear()
+        # the hooks that stay on the graph (inside autograd Functions, on intermediate
+        # tensors) reach the layouts and uses, which hold the graph's nodes: break the cycle
+        for graph_state in (self._layouts, self._uses):
+            if graph_state is not None:
+                graph_state.release()

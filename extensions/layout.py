@@ -107,6 +107,15 @@ class ExampleLayouts:
             if isinstance(tensor, Tensor) and tensor.dim() >= 1:
                 self.register(tensor, 0)
 
+    def release(self) -> None:
+        """Forget this pass's autograd nodes. The gradient hooks and recorded calls of the
+        pass reach this object, and the nodes kept here hold those hooks: a reference
+        cycle through autograd's C++ graph, which Python's collector cannot see, would
+        keep the whole graph and its tensors alive after the pass."""
+        self._nodes.clear()
+        self._combining.clear()
+        self._storages.clear()
+
     # -- what is known --------------------------------------------------------------------
     def register(self, tensor: Tensor, axis: int) -> None:
         """Record that ``tensor`` holds the examples along ``axis``."""

@@ -111,6 +111,14 @@ class ParameterUses:
         self._examples: dict[object, bool] = {}  # node -> whether its output holds examples
         self._found: set[tuple[object, int]] = set()
 
+    def release(self) -> None:
+        """Forget the autograd nodes of this pass (as
+        :meth:`~msvag_mb.extensions.layout.ExampleLayouts.release`, and for the same
+        reason: the nodes hold hooks that reach this object)."""
+        for nodes in (self._owner, self._outputs, self._feeds, self._call_of, self._seen,
+                      self._parents, self._examples, self._found):
+            nodes.clear()
+
     def record_call(self, layer: str, args, outputs) -> None:
         """Record the graph of one call of ``layer``: from its outputs back to its inputs."""
         stops = _nodes(args)

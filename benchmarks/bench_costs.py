@@ -1,8 +1,8 @@
 """Where the time of issue 14's misses goes: the MLP's variance and the compiled step.
 
 Usage:  OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_costs.py
-            [--part formula step profile floor compiled_adam allocator] [--workload mlp] [--repeats 60]
-            [--rounds 8] [--allocator-workloads mlp 2c2d 3c3d]
+            [--part formula step profile floor compiled_adam allocator] [--workload mlp]
+            [--repeats 60] [--rounds 8] [--allocator-workloads mlp 2c2d 3c3d]
 
 * ``formula``: ``batch_statistics.single_batch_variance`` (the variance formula and its
   finiteness sum, in place) on the gradient shapes of ``--workload``, on torch's threads
@@ -33,10 +33,10 @@ Usage:  OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_costs.py
   ``MALLOC_MMAP_THRESHOLD_`` set high (:data:`KEEP_FREED`), so that freed tensors stay
   in the heap instead of going back to the OS and faulting in again at the next call.
 
-``floor``, ``compiled_adam`` and ``allocator`` take the median of warm blocks: each method is run 5 times in a
-row, the first of each block not timed, ``--rounds`` blocks per method, the methods taking
-turns block by block (interleaving single calls puts one method's cache state into the
-next one's time).
+``floor``, ``compiled_adam`` and ``allocator`` take the median of warm blocks: each method
+is run 5 times in a row, the first of each block not timed, ``--rounds`` blocks per method,
+the methods taking turns block by block (interleaving single calls puts one method's cache
+state into the next one's time).
 
 Results and their reading: ``docs/benchmarks.md``.
 """
@@ -231,15 +231,14 @@ def _hooked_plain(model, loss_fn, on_layer):
 def floor(workload: str, rounds: int) -> None:
     """Plain, then plain with the Linear extension's work added piece by piece through bare
     hooks, then GradientVariance(auto): what is left above the pieces is bookkeeping."""
-    layers = [m for m in bench_engines.build(workload)[0].modules()
-              if next(m.parameters(recurse=False), None) is not None]
-    if not all(isinstance(m, torch.nn.Linear) for m in layers):
-        raise SystemExit(f"--part floor needs a model of nn.Linear layers; {workload} has "
-                         "others (use --workload mlp)")
-    runs, kept = {}, {}
+    runs = {}
     for name in ("plain", "one contraction", "extension's kernels", "kernels + formula"):
         model, loss_fn, batch = bench_engines.build(workload)
-        runs[name] = _floor_method(name, model, loss_fn, kept.setdefault(name, {}))
+        if any(next(m.parameters(recurse=False), None) is not None
+               and not isinstance(m, torch.nn.Linear) for m in model.modules()):
+            raise SystemExit(f"--part floor needs a model of nn.Linear layers; {workload} "
+                             "has others (use --workload mlp)")
+        runs[name] = _floor_method(name, model, loss_fn, {})
     model, loss_fn, batch = bench_engines.build(workload)
     runs["GradientVariance(auto)"] = bench_engines.full_call(
         msvag_mb.GradientVariance(model, loss_fn, engine="auto"))
@@ -265,6 +264,7 @@ def _floor_method(name: str, model, loss_fn, kept: dict):
     inner = _hooked_plain(model, loss_fn, extension_kernels)
     if name == "extension's kernels":
         return inner
+
     def with_formula(x, y):
         inner(x, y)
         for module, (weight_sq, bias_sq) in kept.items():
@@ -343,7 +343,8 @@ def main() -> None:
     parser.add_argument("--workload", default="mlp", choices=list(bench_engines.WORKLOADS))
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=8,
-                        help="floor, compiled_adam and allocator: blocks of 5 calls per method (default 8)")
+                        help="floor, compiled_adam and allocator: blocks of 5 calls per "
+                             "method (default 8)")
     parser.add_argument("--allocator-workloads", nargs="*", default=["mlp", "2c2d", "3c3d"],
                         choices=list(bench_engines.WORKLOADS))
     args = parser.parse_args()
@@ -352,6 +353,7 @@ def main() -> None:
     for part in args.part:
         print(f"[{part}]", flush=True)
         parts[part](args)
+
 
 if __name__ == "__main__":
     main()

@@ -40,7 +40,8 @@ Peak memory: one child process (glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 K
 every large tensor is returned to the OS when freed) runs each method three times
 (:data:`PEAK_CALLS`) after a warm-up; the peak resident memory above the resident memory
 before the step (``/proc/self/status`` VmHWM after resetting it via
-``/proc/self/clear_refs``) is the step's own peak, its median over the three calls. Reported: (method's peak - plain's peak) / plain's peak.
+``/proc/self/clear_refs``) is the step's own peak, its median over the three calls.
+Reported: (method's peak - plain's peak) / plain's peak.
 
 ``--overhead``: where the time between the engine alone and ``GradientVariance.backward``
 goes: the named steps of ``msvag_mb.gradient_variance`` (and what they call) timed with

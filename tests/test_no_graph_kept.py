@@ -3,8 +3,8 @@
 The extensions' gradient hooks stay on the autograd graph (inside autograd Functions, on
 intermediate tensors) and reach objects that hold the graph's nodes: a reference cycle
 through autograd's C++ graph, which Python's garbage collector cannot see. Left in place,
-each call kept its layer inputs and activations (on a transformer about 27 MiB a call
-until the process ran out of memory). Here a call's inputs and every tensor a module
+each call kept its layer inputs and activations (on a transformer encoder about 27 MiB a
+call, without bound). Here a call's inputs and every tensor a module
 returned during it must be freed once the caller drops them, for every per-example engine
 and ``"auto"``, on one case per registered layer extension (and the fallback) and on the
 traps (reused and tied parameters, functional uses), whether the call was exact or refused.
